@@ -1,0 +1,44 @@
+# Flywheel — every target creates and uses its own virtual environment in .venv.
+SHELL := /bin/bash
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run test lint check schema clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## make run: install, migrate the embedded SQLite database, load the example funnels, serve.
+run: $(STAMP)
+	@mkdir -p var
+	$(BIN)/flywheel migrate
+	$(BIN)/flywheel load-funnels --tenant demo funnels/*.json
+	FLYWHEEL_ENV=$${FLYWHEEL_ENV:-development} $(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+
+## make test: install and run the whole suite (SQLite and, when reachable, PostgreSQL).
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## make schema: regenerate funnels/funnel.schema.json from the definition models.
+schema: $(STAMP)
+	$(BIN)/flywheel schema > funnels/funnel.schema.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Flywheel: AARRR funnel campaign engine for community commerce."""

@@ -1,0 +1,1 @@
+"""HTTP, by audience: admin (tenant API key), member (member token), webhooks (signed)."""

@@ -1,0 +1,1 @@
+"""Marketer and integration endpoints, authenticated by a tenant API key."""

@@ -1,0 +1,110 @@
+"""Request dependencies, as `Annotated` aliases used in route signatures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from app.clock import Clock
+from app.config import Settings
+from app.errors import FieldProblem, Unauthorized
+from app.members.models import Member
+from app.security import read_member_token
+from app.tenancy.models import Tenant
+from app.tenancy.service import KEY_PREFIX, authenticate
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_clock(request: Request) -> Clock:
+    clock: Clock = request.app.state.clock
+    return clock
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_session(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Session]:
+    """The unit of work for plain admin writes: commits once, after the route returns, before
+    the response is sent (scope="function"); any error rolls everything back."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+ClockDep = Annotated[Clock, Depends(get_clock)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def now_dep(clock: ClockDep) -> datetime:
+    return clock.now()
+
+
+NowDep = Annotated[datetime, Depends(now_dep)]
+
+
+def _bearer(request: Request) -> tuple[str, str] | None:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return "Authorization", value.strip()
+    key = request.headers.get("x-api-key")
+    return ("X-API-Key", key.strip()) if key else None
+
+
+def current_tenant(request: Request, session: SessionDep) -> Tenant:
+    presented = _bearer(request)
+    if presented is None:
+        raise Unauthorized(
+            "send the tenant API key as `Authorization: Bearer fw_…`",
+            errors=[FieldProblem("header:Authorization", "missing")],
+        )
+    header, value = presented
+    tenant = authenticate(session, value)
+    if tenant is None:
+        raise Unauthorized(
+            "the API key is unknown or revoked",
+            errors=[FieldProblem(f"header:{header}", "unknown or revoked API key")],
+        )
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+def current_member(
+    request: Request, session: SessionDep, settings: SettingsDep, now: NowDep
+) -> Member:
+    presented = _bearer(request)
+    if presented is None or presented[1].startswith(f"{KEY_PREFIX}_"):
+        raise Unauthorized(
+            "send the member token as `Authorization: Bearer <token>`",
+            errors=[FieldProblem("header:Authorization", "missing member token")],
+        )
+    claims = read_member_token(settings.secret_key, presented[1], now)
+    member = session.get(Member, claims.member_id) if claims else None
+    if claims is None or member is None or member.tenant_id != claims.tenant_id:
+        raise Unauthorized(
+            "the member token is invalid or expired",
+            errors=[FieldProblem("header:Authorization", "invalid or expired member token")],
+        )
+    return member
+
+
+MemberDep = Annotated[Member, Depends(current_member)]

@@ -1,0 +1,265 @@
+"""`flywheel`: validate and simulate funnels, migrate, bootstrap tenants, load funnels, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from app.errors import InvalidDefinition
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check funnel definitions (schema and semantics)")
+    p.add_argument("files", nargs="+", type=Path)
+    p.set_defaults(run=cmd_validate)
+
+    p = sub.add_parser(
+        "simulate", help="dry-run a timeline of events (JSON lines) through a funnel"
+    )
+    p.add_argument("funnel", type=Path)
+    p.add_argument(
+        "events", type=Path, help='JSON lines: {"at", "member", "type", "data", "profile"}'
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per step")
+    p.set_defaults(run=cmd_simulate)
+
+    p = sub.add_parser("schema", help="print the funnel JSON Schema")
+    p.set_defaults(run=cmd_schema)
+
+    p = sub.add_parser("migrate", help="upgrade the database to the latest migration")
+    p.set_defaults(run=cmd_migrate)
+
+    p = sub.add_parser("create-tenant", help="create a tenant and its first API key (shown once)")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_create_tenant)
+
+    p = sub.add_parser("create-key", help="create another API key for a tenant (shown once)")
+    p.add_argument("tenant", help="tenant name or id")
+    p.add_argument("--name", default="cli")
+    p.set_defaults(run=cmd_create_key)
+
+    p = sub.add_parser(
+        "load-funnels", help="publish funnel files for a tenant (created if missing)"
+    )
+    p.add_argument("--tenant", required=True)
+    p.add_argument("files", nargs="+", type=Path)
+    p.set_defaults(run=cmd_load_funnels)
+
+    p = sub.add_parser("serve", help="run the HTTP service")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(run=cmd_serve)
+
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from app.engine import load_and_compile
+
+    failed = 0
+    for path in args.files:
+        try:
+            funnel = load_and_compile(path.read_bytes())
+        except InvalidDefinition as exc:
+            failed += 1
+            _out(f"{path}: {len(exc.problems)} problem(s)")
+            for problem in exc.problems:
+                _out(f"  {problem}")
+        except OSError as exc:
+            failed += 1
+            _out(f"{path}: cannot read: {exc.strerror}")
+        else:
+            d = funnel.definition
+            _out(f"{path}: ok ({d.key}: {len(d.states)} states, {len(d.transitions)} transitions)")
+    return 1 if failed else 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from app.engine import load_and_compile
+    from app.engine.simulate import Simulator, TimelineEntry, parse_timeline_line
+
+    try:
+        funnel = load_and_compile(args.funnel.read_bytes(), version=1)
+    except InvalidDefinition as exc:
+        _err(f"{args.funnel}: invalid funnel:")
+        for problem in exc.problems:
+            _err(f"  {problem}")
+        return 1
+    entries: list[TimelineEntry] = []
+    for n, line in enumerate(args.events.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            entries.append(
+                parse_timeline_line(json.loads(line), entries[-1].at if entries else None)
+            )
+        except (ValueError, TypeError) as exc:
+            _err(f"{args.events}:{n}: {exc}")
+            return 1
+    sim = Simulator(funnel)
+    for record in sim.feed(entries):
+        o = record.outcome
+        if args.json:
+            _out(
+                json.dumps(
+                    {
+                        "at": record.at.isoformat(),
+                        "member": record.member,
+                        "event": record.event.type,
+                        "timer": record.event.timer,
+                        "matched": o.matched,
+                        "reason": o.reason,
+                        "state": o.state.state,
+                        "stage": o.state.stage,
+                        "status": o.state.status,
+                        "actions": [
+                            {"type": a.type, "disposition": a.disposition, **a.params}
+                            for a in o.actions
+                        ],
+                        "guard_errors": list(o.guard_errors),
+                    },
+                    ensure_ascii=False,
+                )
+            )
+            continue
+        local = record.at.astimezone(funnel.zone).strftime("%m-%d %a %H:%M")
+        what = f"timer {record.event.timer}" if record.event.timer else record.event.type
+        where = f"{o.state.state or '-'} [{o.state.stage or '-'}]" + (
+            f" ({o.state.status})" if o.state.status != "active" else ""
+        )
+        mark = "→" if o.matched else "·"
+        _out(f"{local}  {record.member:<8} {what:<22} {mark} {where:<28} {o.reason}")
+        for a in o.actions:
+            detail = a.params.get("text") or json.dumps(
+                {k: v for k, v in a.params.items() if k != "template"}, ensure_ascii=False
+            )
+            held = (
+                ""
+                if a.disposition == "send"
+                else f" [{a.disposition}"
+                + (
+                    f" until {a.deliver_at.astimezone(funnel.zone):%H:%M}]"
+                    if a.disposition == "deferred"
+                    else "]"
+                )
+            )
+            _out(f"{'':>20}    {a.type}{held}: {detail}")
+        for error in o.guard_errors:
+            _out(f"{'':>20}    guard error: {error}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from app.engine.definition import json_schema
+
+    _out(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.config import get_settings
+    from app.migrations import upgrade
+
+    upgrade(get_settings().database_url)
+    _out("database is at the latest migration")
+    return 0
+
+
+def _engine():  # type: ignore[no-untyped-def]
+    from app.config import get_settings
+    from app.db import make_engine
+
+    return make_engine(get_settings().database_url)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def cmd_create_tenant(args: argparse.Namespace) -> int:
+    from app.db import session_scope
+    from app.tenancy.service import create_tenant
+
+    with session_scope(_engine()) as session:
+        tenant, _key, plaintext = create_tenant(session, args.name, _now())
+    _out(f"tenant {tenant.id} ({args.name}) created")
+    _out(f"API key (shown once, keep it secret): {plaintext}")
+    return 0
+
+
+def _find_tenant(session, ref: str):  # type: ignore[no-untyped-def]
+    from app.tenancy.models import Tenant
+    from app.tenancy.service import find_tenant_by_name
+
+    return session.get(Tenant, int(ref)) if ref.isdigit() else find_tenant_by_name(session, ref)
+
+
+def cmd_create_key(args: argparse.Namespace) -> int:
+    from app.db import session_scope
+    from app.tenancy.service import create_api_key
+
+    with session_scope(_engine()) as session:
+        tenant = _find_tenant(session, args.tenant)
+        if tenant is None:
+            _err(f'no tenant "{args.tenant}"; create one with: flywheel create-tenant NAME')
+            return 1
+        _key, plaintext = create_api_key(session, tenant, args.name, _now())
+    _out(f"API key for tenant {tenant.id} ({tenant.name}), shown once: {plaintext}")
+    return 0
+
+
+def cmd_load_funnels(args: argparse.Namespace) -> int:
+    from app.db import session_scope
+    from app.engine.paths import JsonSyntaxError, loads_checked
+    from app.funnels.service import publish
+    from app.tenancy.models import Tenant
+
+    failed = 0
+    with session_scope(_engine()) as session:
+        tenant = _find_tenant(session, args.tenant)
+        if tenant is None:
+            tenant = Tenant(name=args.tenant, created_at=_now())
+            session.add(tenant)
+            session.flush()
+            _out(f"created tenant {tenant.id} ({tenant.name})")
+        for path in args.files:
+            try:
+                document, duplicates = loads_checked(path.read_bytes())
+                key = document.get("key") if isinstance(document, dict) else None
+                version, created = publish(
+                    session, tenant.id, str(key or path.stem), document, _now(), duplicates
+                )
+            except (InvalidDefinition, JsonSyntaxError) as exc:
+                failed += 1
+                _err(f"{path}: not loaded: {exc}")
+                continue
+            _out(f"{path}: {'published' if created else 'unchanged,'} version {version.version}")
+    _out(f'Get an API key for tenant "{tenant.name}": .venv/bin/flywheel create-key {tenant.name}')
+    return 1 if failed else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Domain errors: a stable code and an HTTP status, no web framework import.
+
+`app.problems` renders them as RFC 9457 problem details at the edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One problem at one place in a document: `transitions[3].to`."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class DomainError(Exception):
+    status: int = 400
+    code: str = "bad_request"
+    title: str = "Bad request"
+
+    def __init__(self, detail: str, *, errors: list[FieldProblem] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class NotFound(DomainError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class Conflict(DomainError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class Unauthorized(DomainError):
+    status, code, title = 401, "unauthorized", "Unauthorized"
+
+
+class InvalidDefinition(DomainError):
+    """A funnel definition failed validation; every problem found is listed."""
+
+    status, code, title = 422, "invalid_funnel", "Invalid funnel definition"
+
+    def __init__(self, problems: list[FieldProblem]) -> None:
+        n = len(problems)
+        shown = "; ".join(str(p) for p in problems[:3]) + (" …" if n > 3 else "")
+        super().__init__(
+            f"The funnel definition has {n} problem{'s' if n != 1 else ''}: {shown}",
+            errors=problems,
+        )
+        self.problems = problems
+
+
+class VersionArchived(DomainError):
+    status, code, title = 409, "version_archived", "Funnel version archived"

@@ -1,0 +1,1 @@
+"""Stored funnels: immutable versions, member instances and their stage history."""

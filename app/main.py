@@ -1,0 +1,81 @@
+"""The application factory: `uvicorn --factory app.main:create_app`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from sqlalchemy import Engine
+
+from app import problems
+from app.api.admin import funnels, keys, members
+from app.api.health import router as health_router
+from app.api.member import me
+from app.clock import Clock, SystemClock
+from app.config import Settings, get_settings
+from app.db import make_engine
+from app.engine.definition import FunnelDefinition
+from app.limits import BodyLimitMiddleware
+
+DESCRIPTION = """AARRR funnel campaigns for community commerce.
+
+Admin endpoints take the tenant API key as `Authorization: Bearer fw_…`; member endpoints
+take a member token. Every error is `application/problem+json` (RFC 9457) with the JSON
+path of each field at fault in `errors`."""
+
+
+def create_app(
+    settings: Settings | None = None, *, clock: Clock | None = None, engine: Engine | None = None
+) -> FastAPI:
+    settings = settings or get_settings()
+    engine = engine or make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+    )  # lazy: nothing connects until the first request
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logging.basicConfig(level=logging.INFO)
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="Flywheel", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings, app.state.engine = settings, engine
+    app.state.clock = clock or SystemClock()
+    problems.install(app)
+    for router in (health_router, funnels.router, keys.router, members.router, me.router):
+        app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated document, plus the funnel definition schema the raw-body routes refer to."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    definition = FunnelDefinition.model_json_schema(
+        by_alias=True, ref_template="#/components/schemas/{model}"
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(definition.pop("$defs", {}))
+    components["FunnelDefinition"] = definition
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,1 @@
+"""Members: the people (openid/unionid) a tenant knows."""

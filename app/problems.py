@@ -1,0 +1,141 @@
+"""RFC 9457 problem details: the one error shape every endpoint answers with.
+
+`{type, title, status, detail, instance, code, errors: [{path, message}]}` with the media type
+`application/problem+json`. Domain errors carry their own code and status; request validation
+failures list each field at fault by its JSON path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.engine.paths import pydantic_loc_to_path
+from app.errors import DomainError, FieldProblem
+
+log = logging.getLogger("flywheel")
+PROBLEM_TYPE = "https://flywheel.example/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+
+class ProblemError(BaseModel):
+    path: str
+    message: str
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    code: str
+    errors: list[ProblemError] = []
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    errors: list[FieldProblem] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE + code.replace("_", "-"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        "code": code,
+        "errors": [{"path": e.path, "message": e.message} for e in errors or []],
+    }
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problems a route can answer with."""
+    return {s: {"model": Problem, "content": {MEDIA_TYPE: {}}} for s in statuses}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(request: Request, exc: DomainError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return problem_response(
+            request, exc.status, exc.code, exc.title, exc.detail, exc.errors, headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for error in exc.errors():
+            loc = list(error.get("loc", ()))
+            where = loc.pop(0) if loc and loc[0] in ("body", "query", "path", "header") else "body"
+            path = pydantic_loc_to_path(loc)
+            prefix = "" if where == "body" else f"{where}:"
+            errors.append(FieldProblem(prefix + path, str(error.get("msg", "invalid"))))
+        return problem_response(
+            request,
+            422,
+            "validation_failed",
+            "Request validation failed",
+            f"{len(errors)} problem(s) in the request",
+            errors,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status_code, f"http_{exc.status_code}"
+        )
+        return problem_response(
+            request,
+            exc.status_code,
+            code,
+            str(exc.detail),
+            str(exc.detail),
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(request: Request, exc: IntegrityError) -> JSONResponse:
+        log.info("integrity conflict on %s: %s", request.url.path, exc.orig)
+        return problem_response(
+            request,
+            409,
+            "conflict",
+            "Conflict",
+            "a concurrent change conflicted with this one; retry",
+        )
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable on %s: %s", request.url.path, exc.orig)
+        return problem_response(
+            request,
+            503,
+            "database_unavailable",
+            "Database unavailable",
+            "the database could not be reached; retry shortly",
+            headers={"Retry-After": "2"},
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return problem_response(
+            request,
+            500,
+            "internal_error",
+            "Internal error",
+            "an unexpected error occurred; it has been logged",
+        )

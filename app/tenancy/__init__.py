@@ -1,0 +1,1 @@
+"""Tenants (merchants) and their API keys."""
