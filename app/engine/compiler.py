@@ -219,8 +219,14 @@ def _explain(error: Any) -> str:
 
 
 def _suggest(name: str, candidates: list[str] | set[str]) -> str:
-    hint = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
-    return f'; did you mean "{hint[0]}"?' if hint else ""
+    """'; did you mean "x"?' — or two names when two are equally close (payed: paid, placed)."""
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in candidates), reverse=True
+    )
+    close = [c for ratio, c in scored[:2] if ratio >= 0.6 and ratio >= scored[0][0] - 0.05]
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(f'"{c}"' for c in sorted(close)) + "?"
 
 
 # ── semantic checks ────────────────────────────────────────────────────────────────────────

@@ -1,0 +1,167 @@
+"""Fixtures: a real SQLite file and a real PostgreSQL database, both built by `alembic upgrade`.
+
+Database tests take the `engine` fixture, parametrized over both backends. PostgreSQL tests
+skip with a reason when no server is reachable, except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import httpx
+from hypothesis import HealthCheck, settings
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from app.clock import FrozenClock
+from app.config import Settings
+from app.db import make_engine, metadata, session_scope
+from app.main import create_app
+from app.migrations import upgrade
+from app.tenancy.service import create_tenant
+
+settings.register_profile(
+    "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+T0 = datetime(2026, 12, 1, 1, 0, tzinfo=UTC)  # 09:00 in Shanghai
+
+
+def _server_url() -> str:
+    explicit = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL")
+    if explicit:
+        return explicit
+    configured = os.environ.get("FLYWHEEL_DATABASE_URL", "")
+    if configured.startswith("postgresql"):
+        return configured
+    return "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def _admin(url: str):  # type: ignore[no-untyped-def]
+    import psycopg
+
+    u = make_url(url).set(drivername="postgresql", database="postgres")
+    return psycopg.connect(
+        u.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    server = _server_url()
+    try:
+        admin = _admin(server)
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"CI=true but PostgreSQL at {server} is unreachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {server} ({exc}); set CI=true to require it")
+    name = f"flywheel_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(server).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "flywheel.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+def _truncate(engine: Engine) -> None:
+    tables = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def engine(
+    request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
+) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        path = tmp_path / "flywheel.db"
+        shutil.copy(sqlite_template, path)
+        eng = make_engine(f"sqlite:///{path}")
+        yield eng
+        eng.dispose()
+    else:
+        eng = make_engine(request.getfixturevalue("postgres_url"), pool_size=5)
+        try:
+            yield eng
+        finally:
+            _truncate(eng)
+            eng.dispose()
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(T0)
+
+
+def settings_for(url: str) -> Settings:
+    return Settings(env="test", database_url=url, secret_key="t" * 40)
+
+
+class Client:
+    """A synchronous face on httpx.AsyncClient + ASGITransport: real requests through the app."""
+
+    def __init__(self, app: object) -> None:
+        self.app = app
+
+    def request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)  # type: ignore[arg-type]
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+                return await c.request(method, url, **kwargs)  # type: ignore[arg-type]
+
+        return asyncio.run(go())
+
+    def get(self, url: str, **kw: object) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw: object) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+    def put(self, url: str, **kw: object) -> httpx.Response:
+        return self.request("PUT", url, **kw)
+
+    def delete(self, url: str, **kw: object) -> httpx.Response:
+        return self.request("DELETE", url, **kw)
+
+
+def app_for(engine: Engine, clock: FrozenClock) -> object:
+    url = engine.url.render_as_string(hide_password=False)
+    return create_app(settings_for(url), engine=engine, clock=clock)
+
+
+@pytest.fixture
+def client(engine: Engine, clock: FrozenClock) -> Client:
+    return Client(app_for(engine, clock))
+
+
+def new_tenant(engine: Engine, name: str = "acme") -> tuple[int, dict[str, str]]:
+    """A tenant and the headers that authenticate as it."""
+    with session_scope(engine) as session:
+        tenant, _key, plaintext = create_tenant(session, name, T0)
+        assert tenant.id is not None
+        return tenant.id, {"Authorization": f"Bearer {plaintext}"}
+
+
+FUNNELS = Path(__file__).resolve().parent.parent / "funnels"
