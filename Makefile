@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+FUNNEL_FILES := $(filter-out funnels/funnel.schema.json,$(wildcard funnels/*.json))
 
 .PHONY: install run test lint check schema clean
 
@@ -22,8 +23,8 @@ install: $(STAMP)
 run: $(STAMP)
 	@mkdir -p var
 	$(BIN)/flywheel migrate
-	$(BIN)/flywheel load-funnels --tenant demo funnels/*.json
-	FLYWHEEL_ENV=$${FLYWHEEL_ENV:-development} $(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+	$(BIN)/flywheel load-funnels --tenant demo $(FUNNEL_FILES)
+	FLYWHEEL_ENV=$${FLYWHEEL_ENV:-development} $(BIN)/uvicorn --factory app.main:create_app --host $(HOST) --port $(PORT)
 
 ## make test: install and run the whole suite (SQLite and, when reachable, PostgreSQL).
 test: $(STAMP)

@@ -11,7 +11,10 @@ from sqlalchemy import Engine
 
 from alembic import command
 
+# The source tree in development; the working directory when installed as a package (Docker).
 ROOT = Path(__file__).resolve().parent.parent
+if not (ROOT / "alembic.ini").exists():
+    ROOT = Path.cwd()
 
 
 def alembic_config(url: str | None = None) -> Config:

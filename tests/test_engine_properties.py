@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,7 +43,7 @@ def funnels(draw: st.DrawFn) -> dict[str, Any]:
         states[names[-1]]["final"] = True
     transitions: list[dict[str, Any]] = []
     # a chain keeps every state reachable
-    for a, b in zip(names, names[1:], strict=False):
+    for a, b in itertools.pairwise(names):
         transitions.append(
             {
                 "from": a,

@@ -36,7 +36,7 @@ def test_entry_puts_member_in_initial_state_and_runs_its_actions():
 
 def test_entry_event_is_also_offered_to_the_initial_state():
     doc = minimal(entry={"events": ["message.posted"]})
-    m, (o,) = run(compile_document(doc), [Event("message.posted")])
+    m, _ = run(compile_document(doc), [Event("message.posted")])
     assert m.state == "active"  # entered at "joined", then joined --message.posted--> active
 
 

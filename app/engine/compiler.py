@@ -204,7 +204,9 @@ def _explain(error: Any) -> str:
     loc = error["loc"]
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else ""
-        hint = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.7)
+        hint = difflib.get_close_matches(
+            key, [k for k in _known_keys() if k != key], n=1, cutoff=0.7
+        )
         return f'unknown key "{key}"' + (f'; did you mean "{hint[0]}"?' if hint else "")
     if kind == "missing":
         return "required"
