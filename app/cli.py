@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy import Engine
+
 from app.errors import InvalidDefinition
 
 
@@ -181,7 +183,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine():  # type: ignore[no-untyped-def]
+def _engine() -> Engine:
     from app.config import get_settings
     from app.db import make_engine
 

@@ -217,7 +217,7 @@ def _explain(error: Any) -> str:
         return 'an action needs a "type"'
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    return msg[:1].lower() + msg[1:]
+    return str(msg[:1].lower() + msg[1:])
 
 
 def _suggest(name: str, candidates: list[str] | set[str]) -> str:
@@ -342,11 +342,11 @@ def semantic_problems(funnel: d.FunnelDefinition) -> list[FieldProblem]:
         if isinstance(action, d.SendMessage):
             for message in check_template(action.template):
                 add((*path, "template"), message)
-        ref = getattr(action, "mechanic", None)
-        if ref and ref not in mechanics:
+        target: str | None = getattr(action, "mechanic", None)
+        if target and target not in mechanics:
             add(
                 (*path, "mechanic"),
-                f'no mechanic named "{ref}"{_suggest(ref, mechanics)}'
+                f'no mechanic named "{target}"{_suggest(target, mechanics)}'
                 + ("" if mechanics else "; the mechanics section is empty"),
             )
 

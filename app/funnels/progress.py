@@ -29,6 +29,7 @@ def advance(
         )
         .with_for_update()
     ).first()
+    version: FunnelVersion | None
     if instance is not None and instance.status == "active":
         version = session.exec(
             select(FunnelVersion).where(

@@ -61,7 +61,7 @@ def list_versions(session: Session, funnel: Funnel) -> list[FunnelVersion]:
         session.exec(
             select(FunnelVersion)
             .where(FunnelVersion.funnel_id == funnel.id)
-            .order_by(FunnelVersion.version)
+            .order_by(col(FunnelVersion.version))
         )
     )
 
@@ -118,10 +118,11 @@ def publish(
         return latest, False
     _check_migrations(session, funnel, funnel_def)
     number = (latest.version if latest else 0) + 1
+    assert funnel.id is not None
     version = FunnelVersion(
         tenant_id=tenant_id,
         funnel_id=funnel.id,
-        version=number,  # type: ignore[arg-type]
+        version=number,
         definition=document,
         digest=digest,
         created_at=now,

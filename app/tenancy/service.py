@@ -7,7 +7,7 @@ import hmac
 import secrets
 from datetime import datetime
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app.errors import NotFound
 from app.tenancy.models import ApiKey, Tenant
@@ -58,7 +58,7 @@ def authenticate(session: Session, presented: str) -> Tenant | None:
 
 def list_api_keys(session: Session, tenant_id: int) -> list[ApiKey]:
     return list(
-        session.exec(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id))
+        session.exec(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(col(ApiKey.id)))
     )
 
 
@@ -74,4 +74,4 @@ def revoke_api_key(session: Session, tenant_id: int, key_id: int, now: datetime)
 
 
 def find_tenant_by_name(session: Session, name: str) -> Tenant | None:
-    return session.exec(select(Tenant).where(Tenant.name == name).order_by(Tenant.id)).first()
+    return session.exec(select(Tenant).where(Tenant.name == name).order_by(col(Tenant.id))).first()
