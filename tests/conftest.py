@@ -165,3 +165,4 @@ def new_tenant(engine: Engine, name: str = "acme") -> tuple[int, dict[str, str]]
 
 
 FUNNELS = Path(__file__).resolve().parent.parent / "funnels"
+EXAMPLE_FUNNELS = sorted(p for p in FUNNELS.glob("*.json") if p.name != "funnel.schema.json")

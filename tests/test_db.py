@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import text
 
 from app.engine.definition import json_schema
@@ -17,7 +18,7 @@ def test_migrations_have_no_drift_from_the_models(engine):
 
 def test_sqlite_runs_in_wal_with_foreign_keys(engine):
     if engine.dialect.name != "sqlite":
-        return
+        pytest.skip("SQLite pragmas; PostgreSQL has none")
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import difflib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -191,12 +192,14 @@ def compile_funnel(
 
 
 # ── messages ───────────────────────────────────────────────────────────────────────────────
-def _known_keys() -> list[str]:
-    keys: set[str] = set()
-    for model in d.Strict.__subclasses__():
-        for name, info in model.model_fields.items():
-            keys.add(info.alias or name)
-    return sorted(keys)
+@cache
+def _known_keys() -> frozenset[str]:
+    """Every key the language knows, for did-you-mean hints on unknown keys."""
+    return frozenset(
+        info.alias or name
+        for model in d.Strict.__subclasses__()
+        for name, info in model.model_fields.items()
+    )
 
 
 def _explain(error: Any) -> str:
@@ -204,10 +207,7 @@ def _explain(error: Any) -> str:
     loc = error["loc"]
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else ""
-        hint = difflib.get_close_matches(
-            key, [k for k in _known_keys() if k != key], n=1, cutoff=0.7
-        )
-        return f'unknown key "{key}"' + (f'; did you mean "{hint[0]}"?' if hint else "")
+        return f'unknown key "{key}"' + _suggest(key, _known_keys() - {key}, cutoff=0.7)
     if kind == "missing":
         return "required"
     if kind == "union_tag_invalid":
@@ -220,12 +220,12 @@ def _explain(error: Any) -> str:
     return str(msg[:1].lower() + msg[1:])
 
 
-def _suggest(name: str, candidates: list[str] | set[str]) -> str:
+def _suggest(name: str, candidates: Collection[str], cutoff: float = 0.6) -> str:
     """'; did you mean "x"?' — or two names when two are equally close (payed: paid, placed)."""
     scored = sorted(
         ((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in candidates), reverse=True
     )
-    close = [c for ratio, c in scored[:2] if ratio >= 0.6 and ratio >= scored[0][0] - 0.05]
+    close = [c for ratio, c in scored[:2] if ratio >= cutoff and ratio >= scored[0][0] - 0.05]
     if not close:
         return ""
     return "; did you mean " + " or ".join(f'"{c}"' for c in sorted(close)) + "?"
