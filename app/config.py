@@ -28,8 +28,40 @@ class Settings(BaseSettings):
     member_token_ttl_seconds: int = Field(default=2 * 3600, ge=60, le=7 * 24 * 3600)
 
     default_timezone: str = "Asia/Shanghai"
-    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     cors_origins: list[str] = []
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+
+    # Inbound webhooks (Standard Webhooks): accepted clock skew, both ways.
+    webhook_tolerance_seconds: int = Field(default=300, ge=1)
+    # Idempotency keys (webhook-id, Idempotency-Key) are answered from the log this long.
+    idempotency_retention_hours: int = Field(default=72, ge=24)
+    # The event log itself (audit, replay, analytics windows); 0 keeps it forever.
+    event_retention_days: int = Field(default=90, ge=0)
+    # How long an old secret keeps working after a rotation (inbound and outbound).
+    secret_rotation_grace_seconds: int = Field(default=24 * 3600, ge=0)
+    # Per-tenant token bucket on webhook and member-event ingestion, per instance; 0 = off.
+    rate_limit_per_second: float = Field(default=1000.0, ge=0)
+    rate_limit_burst: int = Field(default=2000, ge=1)
+
+    # The write path: how many events may share one commit, and how many writer threads
+    # (None: 1 on SQLite, which has one writer anyway; 2 on PostgreSQL).
+    dispatch_max_batch: int = Field(default=256, ge=1)
+    dispatch_writers: int | None = Field(default=None, ge=1, le=32)
+
+    # Background work: timers, outbound deliveries, pruning. "off" when another process
+    # runs `flywheel worker`.
+    workers: Literal["on", "off"] = "on"
+    worker_poll_seconds: float = Field(default=1.0, gt=0)
+    timer_batch: int = Field(default=200, ge=1)
+    outbox_batch: int = Field(default=50, ge=1)
+    outbox_concurrency: int = Field(default=16, ge=1)
+    outbox_lease_seconds: int = Field(default=120, ge=5)
+    delivery_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Action endpoints on private or loopback addresses (SSRF guard); None: allowed
+    # everywhere but production.
+    allow_private_action_urls: bool | None = None
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:
@@ -42,6 +74,16 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def writers(self) -> int:
+        return self.dispatch_writers or (1 if self.is_sqlite else 2)
+
+    @property
+    def private_action_urls_allowed(self) -> bool:
+        if self.allow_private_action_urls is None:
+            return self.env != "production"
+        return self.allow_private_action_urls
 
 
 @lru_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime
+from sqlalchemy import JSON, BigInteger, DateTime, Integer
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -33,3 +33,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 # JSONB on PostgreSQL (indexable, compact), JSON text on SQLite.
 JSONType: Any = JSON().with_variant(JSONB(), "postgresql")
+
+# 64-bit ids for the tables that grow with traffic (events, timers, outbox); on SQLite an
+# INTEGER PRIMARY KEY is already 64-bit and is the rowid, which BIGINT would not be.
+BigId: Any = BigInteger().with_variant(Integer(), "sqlite")

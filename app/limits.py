@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import TooManyRequests
 
 
 class BodyLimitMiddleware:
@@ -62,3 +67,31 @@ class BodyLimitMiddleware:
 
 class _TooLarge(Exception):
     pass
+
+
+class RateLimiter:
+    """A token bucket per tenant, in this process's memory: `rate` requests a second on
+    average, bursts up to `burst`. With several instances each has its own buckets (the
+    README says so); quotas that matter (joins, rewards) are database invariants instead."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: dict[int, tuple[float, float]] = {}  # tenant -> (tokens, at)
+
+    def check(self, tenant_id: int) -> None:
+        """Take one token, or raise TooManyRequests with the seconds until one is back."""
+        if self.rate <= 0:
+            return
+        now = self.clock()
+        tokens, at = self._buckets.get(tenant_id, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        if tokens < 1:
+            self._buckets[tenant_id] = (tokens, now)
+            wait = math.ceil((1 - tokens) / self.rate)
+            raise TooManyRequests(
+                f"this tenant sends more than {self.rate:g} events a second; retry in {wait} s",
+                retry_after=max(1, wait),
+            )
+        self._buckets[tenant_id] = (tokens - 1, now)

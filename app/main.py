@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-import logging
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
 
 from app import problems
-from app.api.admin import funnels, keys, members
+from app.api import webhooks
+from app.api.admin import deliveries, funnels, keys, members, webhook_sources
 from app.api.health import router as health_router
 from app.api.member import me
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.db import make_engine
 from app.engine.definition import FunnelDefinition
-from app.limits import BodyLimitMiddleware
+from app.events.dispatch import Dispatcher
+from app.events.schemas import openapi_components
+from app.events.sources import SourceCache
+from app.limits import BodyLimitMiddleware, RateLimiter
+from app.observability import Metrics, RequestLogMiddleware, configure_logging
+from app.workers import Workers
 
 DESCRIPTION = """AARRR funnel campaigns for community commerce.
 
@@ -39,19 +46,55 @@ def create_app(
         max_overflow=settings.db_max_overflow,
         busy_timeout_ms=settings.sqlite_busy_timeout_ms,
     )  # lazy: nothing connects until the first request
+    clock = clock or SystemClock()
+    metrics = Metrics()
+    workers = Workers(engine, settings, clock, metrics)
+    workers.install_gauges()
+    dispatcher = Dispatcher(
+        engine,
+        clock,
+        metrics,
+        writers=settings.writers,
+        max_batch=settings.dispatch_max_batch,
+        on_commit=lambda replies: workers.notify() if any(r.actions for r in replies) else None,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        logging.basicConfig(level=logging.INFO)
-        yield
-        engine.dispose()
+        configure_logging(settings.log_format, settings.log_level)
+        stop = asyncio.Event()
+        task = asyncio.create_task(workers.run(stop)) if settings.workers == "on" else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                await task
+            dispatcher.close()
+            engine.dispose()
 
     app = FastAPI(title="Flywheel", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.settings, app.state.engine = settings, engine
-    app.state.clock = clock or SystemClock()
+    app.state.settings, app.state.engine, app.state.clock = settings, engine, clock
+    app.state.metrics, app.state.workers, app.state.dispatcher = metrics, workers, dispatcher
+    app.state.sources = SourceCache(engine)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     problems.install(app)
-    for router in (health_router, funnels.router, keys.router, members.router, me.router):
+    for router in (
+        health_router,
+        funnels.router,
+        keys.router,
+        members.router,
+        webhook_sources.router,
+        deliveries.router,
+        webhooks.router,
+        me.router,
+    ):
         app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -60,6 +103,7 @@ def create_app(
             allow_headers=["*"],
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLogMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -77,5 +121,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(definition.pop("$defs", {}))
     components["FunnelDefinition"] = definition
+    components.update(openapi_components())
     app.openapi_schema = schema
     return schema

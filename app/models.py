@@ -1,17 +1,26 @@
 """Every table module, imported once, so Alembic and the mappers see one metadata."""
 
 from app.db import metadata
+from app.events.models import EventLog, WebhookSource
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
 from app.members.models import Member
+from app.outbox.models import ActionEndpoint, DeliveryAttempt, Outbox
 from app.tenancy.models import ApiKey, Tenant
+from app.timers.models import Timer
 
 __all__ = [
+    "ActionEndpoint",
     "ApiKey",
+    "DeliveryAttempt",
+    "EventLog",
     "Funnel",
     "FunnelInstance",
     "FunnelVersion",
     "Member",
+    "Outbox",
     "StageHistory",
     "Tenant",
+    "Timer",
+    "WebhookSource",
     "metadata",
 ]

@@ -8,9 +8,8 @@ from sqlmodel import select
 
 from app.db import session_scope
 from app.engine import Event
+from app.events.dispatch import Inbound, apply_batch
 from app.funnels.models import Funnel, StageHistory
-from app.funnels.progress import advance
-from app.members.service import upsert_member
 from tests.conftest import T0, new_tenant
 from tests.factories import minimal, office_lunch
 
@@ -93,12 +92,14 @@ def test_validate_endpoint_does_not_publish(client, engine):
 
 
 def _enter(engine, tenant_id, external_id, events):
-    with session_scope(engine) as s:
-        funnel = s.exec(select(Funnel).where(Funnel.tenant_id == tenant_id)).one()
-        member, _ = upsert_member(s, tenant_id, external_id, T0)
-        for e in events:
-            advance(s, funnel, member, e, T0)
-        return member.id
+    """Apply events through the write path (the dispatcher, as ingestion does)."""
+    items = [
+        Inbound(tenant_id, "test", e.type, dict(e.data), member={"id": external_id})
+        for e in events
+    ]
+    replies = apply_batch(engine, items, T0)
+    assert all(r.ok for r in replies), [r.error for r in replies]
+    return replies[0].body["member"]["id"]
 
 
 def test_stage_history_records_each_stage_with_its_event(client, engine):

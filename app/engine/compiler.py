@@ -8,9 +8,8 @@ can never fire, guards that do not compile, unknown events and mechanics.
 
 from __future__ import annotations
 
-import difflib
 from collections import defaultdict
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from functools import cache
@@ -22,7 +21,13 @@ from pydantic import ValidationError
 from app.engine import definition as d
 from app.engine.catalogue import BUILTIN_EVENTS
 from app.engine.guards import Guard, GuardError, check_template, compile_guard
-from app.engine.paths import JsonSyntaxError, format_path, loads_checked, pydantic_loc_to_path
+from app.engine.paths import (
+    JsonSyntaxError,
+    format_path,
+    loads_checked,
+    pydantic_loc_to_path,
+    suggest,
+)
 from app.engine.schedule import (
     cron_ever_fires,
     days_of,
@@ -207,7 +212,7 @@ def _explain(error: Any) -> str:
     loc = error["loc"]
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else ""
-        return f'unknown key "{key}"' + _suggest(key, _known_keys() - {key}, cutoff=0.7)
+        return f'unknown key "{key}"' + suggest(key, _known_keys() - {key}, cutoff=0.7)
     if kind == "missing":
         return "required"
     if kind == "union_tag_invalid":
@@ -218,17 +223,6 @@ def _explain(error: Any) -> str:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     return str(msg[:1].lower() + msg[1:])
-
-
-def _suggest(name: str, candidates: Collection[str], cutoff: float = 0.6) -> str:
-    """'; did you mean "x"?' — or two names when two are equally close (payed: paid, placed)."""
-    scored = sorted(
-        ((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in candidates), reverse=True
-    )
-    close = [c for ratio, c in scored[:2] if ratio >= cutoff and ratio >= scored[0][0] - 0.05]
-    if not close:
-        return ""
-    return "; did you mean " + " or ".join(f'"{c}"' for c in sorted(close)) + "?"
 
 
 # ── semantic checks ────────────────────────────────────────────────────────────────────────
@@ -270,7 +264,7 @@ def semantic_problems(funnel: d.FunnelDefinition) -> list[FieldProblem]:
     states = funnel.states
     names = set(states)
     if funnel.initial not in names:
-        add(("initial",), f'no state named "{funnel.initial}"{_suggest(funnel.initial, names)}')
+        add(("initial",), f'no state named "{funnel.initial}"{suggest(funnel.initial, names)}')
 
     # events
     builtin = set(BUILTIN_EVENTS)
@@ -290,7 +284,7 @@ def semantic_problems(funnel: d.FunnelDefinition) -> list[FieldProblem]:
         if name not in known:
             add(
                 path,
-                f'unknown event "{name}"{_suggest(name, known)}; declare custom events '
+                f'unknown event "{name}"{suggest(name, known)}; declare custom events '
                 "in custom_events",
             )
 
@@ -306,11 +300,11 @@ def semantic_problems(funnel: d.FunnelDefinition) -> list[FieldProblem]:
         for j, source in enumerate(t.sources):
             path: Path = ("transitions", i, "from") + ((j,) if isinstance(t.from_, list) else ())
             if source not in names:
-                add(path, f'no state named "{source}"{_suggest(source, names)}')
+                add(path, f'no state named "{source}"{suggest(source, names)}')
             elif states[source].final:
                 add(path, f'"{source}" is a final state; no transition can leave it')
         if t.to not in names:
-            add(("transitions", i, "to"), f'no state named "{t.to}"{_suggest(t.to, names)}')
+            add(("transitions", i, "to"), f'no state named "{t.to}"{suggest(t.to, names)}')
         if t.event:
             check_event(("transitions", i, "event"), t.event)
         if t.cron and not cron_ever_fires(
@@ -346,7 +340,7 @@ def semantic_problems(funnel: d.FunnelDefinition) -> list[FieldProblem]:
         if target and target not in mechanics:
             add(
                 (*path, "mechanic"),
-                f'no mechanic named "{target}"{_suggest(target, mechanics)}'
+                f'no mechanic named "{target}"{suggest(target, mechanics)}'
                 + ("" if mechanics else "; the mechanics section is empty"),
             )
 
@@ -360,7 +354,7 @@ def semantic_problems(funnel: d.FunnelDefinition) -> list[FieldProblem]:
             if new not in names:
                 add(
                     ("migrations", i, "states", old),
-                    f'no state named "{new}"{_suggest(new, names)}',
+                    f'no state named "{new}"{suggest(new, names)}',
                 )
     return out
 

@@ -6,9 +6,10 @@ Paths read like the document: `transitions[3].to`, `states.paid.on_enter[0]`,
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from app.errors import FieldProblem
@@ -90,3 +91,14 @@ def pydantic_loc_to_path(loc: Sequence[str | int]) -> str:
             continue  # validator and union-member labels pydantic adds to locations
         parts.append(item)
     return format_path(parts)
+
+
+def suggest(name: str, candidates: Collection[str], cutoff: float = 0.6) -> str:
+    """'; did you mean "x"?' — or two names when two are equally close (payed: paid, placed)."""
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in candidates), reverse=True
+    )
+    close = [c for ratio, c in scored[:2] if ratio >= cutoff and ratio >= scored[0][0] - 0.05]
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(f'"{c}"' for c in sorted(close)) + "?"

@@ -16,11 +16,9 @@ from app.engine.definition import FunnelDefinition
 from app.engine.state import MemberState
 from app.engine.step import relocate
 from app.errors import Conflict, FieldProblem, InvalidDefinition, NotFound
-from app.funnels.history import record_stage_changes
+from app.funnels import store
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion
-
-_COMPILED: dict[tuple[int, str], CompiledFunnel] = {}
-_COMPILED_MAX = 512
+from app.funnels.store import VersionRef, compiled_version
 
 
 def canonical_digest(document: Any) -> str:
@@ -28,16 +26,11 @@ def canonical_digest(document: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def compiled(version: FunnelVersion) -> CompiledFunnel:
-    """The compiled form of a stored version, compiled once per process (versions are immutable)."""
+def compiled(session: Session, version: FunnelVersion) -> CompiledFunnel:
+    """The compiled form of a stored version, compiled once per process."""
     assert version.id is not None
-    cache_key = (version.id, version.digest)
-    hit = _COMPILED.get(cache_key)
-    if hit is None:
-        if len(_COMPILED) >= _COMPILED_MAX:
-            _COMPILED.pop(next(iter(_COMPILED)))
-        hit = _COMPILED[cache_key] = compile_document(version.definition, version=version.version)
-    return hit
+    ref = VersionRef(version.funnel_id, "", version.id, version.version, version.digest)
+    return compiled_version(session.connection(), ref, version.definition)
 
 
 def get_funnel(session: Session, tenant_id: int, key: str) -> Funnel:
@@ -176,37 +169,28 @@ def migrate(session: Session, funnel: Funnel, number: int, now: datetime) -> dic
     target = get_version(session, funnel, number)
     if target.archived_at is not None:
         raise Conflict(f"version {number} is archived; migrate to an open version")
-    compiled_target = compiled(target)
+    compiled_target = compiled(session, target)
+    conn = session.connection()
+    assert funnel.id is not None
     moved: Counter[str] = Counter()
     for m in compiled_target.definition.migrations:
-        rows = session.exec(
-            select(FunnelInstance)
-            .where(
-                FunnelInstance.funnel_id == funnel.id,
-                FunnelInstance.version == m.from_version,
-                FunnelInstance.status == "active",
-                col(FunnelInstance.state).in_(list(m.states)),
+        for row in store.instances_in_states(conn, funnel.id, m.from_version, m.states):
+            state = MemberState.from_json(row.data)
+            assert state.state is not None
+            outcome = relocate(compiled_target, state, m.states[state.state], now)
+            store.save_outcome(
+                conn,
+                tenant_id=funnel.tenant_id,
+                funnel_id=funnel.id,
+                member_id=row.member_id,
+                instance=row,
+                version=number,
+                outcome=outcome,
+                event_type="funnel.migrated",
+                event_ref=None,
+                now=now,
             )
-            .with_for_update()
-        ).all()
-        for row in rows:
-            assert row.state is not None
-            outcome = relocate(
-                compiled_target, MemberState.from_json(row.data), m.states[row.state], now
-            )
-            record_stage_changes(
-                session, row, outcome.stage_changes, "funnel.migrated", None, version=number
-            )
-            moved[f"{m.from_version}:{row.state}->{m.states[row.state]}"] += 1
-            row.version, row.data = number, outcome.state.to_json()
-            row.status, row.state, row.stage = (
-                outcome.state.status,
-                outcome.state.state,
-                outcome.state.stage,
-            )
-            row.updated_at = now
-            session.add(row)
-    session.flush()
+            moved[f"{m.from_version}:{state.state}->{m.states[state.state]}"] += 1
     remaining = session.exec(
         select(func.count())
         .select_from(FunnelInstance)

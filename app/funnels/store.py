@@ -1,0 +1,250 @@
+"""Funnel instances, stage history and timer rows, read and written with SQLAlchemy Core.
+
+This is the event path's storage (the dispatcher, the timer worker, migrations): plain
+statements on a Connection, no ORM unit of work, which costs several times more per event
+(see ARCHITECTURE.md). Callers own the transaction; nothing here commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Table, and_, delete, func, insert, select, update
+
+from app.engine import CompiledFunnel, MemberState, Outcome, compile_document
+from app.engine.state import StageChange
+from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
+from app.timers.models import Timer
+
+funnel_t: Table = Funnel.__table__  # type: ignore[attr-defined]
+version_t: Table = FunnelVersion.__table__  # type: ignore[attr-defined]
+instance_t: Table = FunnelInstance.__table__  # type: ignore[attr-defined]
+history_t: Table = StageHistory.__table__  # type: ignore[attr-defined]
+timer_t: Table = Timer.__table__  # type: ignore[attr-defined]
+
+_COMPILED: dict[tuple[int, str], CompiledFunnel] = {}
+_COMPILED_MAX = 512
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    funnel_id: int
+    key: str
+    version_id: int
+    version: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    id: int
+    funnel_id: int
+    member_id: int
+    version: int
+    status: str
+    data: dict[str, Any]
+    ref: VersionRef
+
+
+def compiled_version(
+    conn: Connection, ref: VersionRef, definition: dict[str, Any] | None = None
+) -> CompiledFunnel:
+    """Compile a stored version once per process. Versions are immutable; the digest in the
+    key keeps a recycled id (a test database reset) from returning another funnel."""
+    cache_key = (ref.version_id, ref.digest)
+    hit = _COMPILED.get(cache_key)
+    if hit is None:
+        if definition is None:
+            definition = conn.execute(
+                select(version_t.c.definition).where(version_t.c.id == ref.version_id)
+            ).scalar_one()
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        hit = _COMPILED[cache_key] = compile_document(definition, version=ref.version)
+    return hit
+
+
+def open_versions(conn: Connection, tenant_id: int) -> list[VersionRef]:
+    """The newest version of each of the tenant's funnels that still takes entries."""
+    v2 = version_t.alias("v2")
+    newest = (
+        select(func.max(v2.c.version))
+        .where(v2.c.funnel_id == funnel_t.c.id, v2.c.archived_at.is_(None))
+        .scalar_subquery()
+    )
+    rows = conn.execute(
+        select(
+            funnel_t.c.id, funnel_t.c.key, version_t.c.id, version_t.c.version, version_t.c.digest
+        )
+        .join(version_t, version_t.c.funnel_id == funnel_t.c.id)
+        .where(funnel_t.c.tenant_id == tenant_id, version_t.c.version == newest)
+        .order_by(funnel_t.c.key)
+    )
+    return [VersionRef(*row) for row in rows]
+
+
+def _instance_query() -> Any:
+    return select(
+        instance_t.c.id,
+        instance_t.c.funnel_id,
+        instance_t.c.member_id,
+        instance_t.c.version,
+        instance_t.c.status,
+        instance_t.c.data,
+        funnel_t.c.key,
+        version_t.c.id.label("version_id"),
+        version_t.c.digest,
+    ).select_from(
+        instance_t.join(funnel_t, funnel_t.c.id == instance_t.c.funnel_id).join(
+            version_t,
+            and_(
+                version_t.c.funnel_id == instance_t.c.funnel_id,
+                version_t.c.version == instance_t.c.version,
+            ),
+        )
+    )
+
+
+def _row(r: Any) -> InstanceRow:
+    ref = VersionRef(r.funnel_id, r.key, r.version_id, r.version, r.digest)
+    return InstanceRow(r.id, r.funnel_id, r.member_id, r.version, r.status, r.data, ref)
+
+
+def member_instances(conn: Connection, member_id: int) -> dict[int, InstanceRow]:
+    """A member's instances by funnel id (callers hold the member's row lock)."""
+    rows = conn.execute(_instance_query().where(instance_t.c.member_id == member_id))
+    return {r.funnel_id: _row(r) for r in rows}
+
+
+def instance_by_id(conn: Connection, instance_id: int) -> InstanceRow | None:
+    r = conn.execute(_instance_query().where(instance_t.c.id == instance_id)).first()
+    return _row(r) if r else None
+
+
+def instances_in_states(
+    conn: Connection, funnel_id: int, version: int, states: Iterable[str]
+) -> list[InstanceRow]:
+    rows = conn.execute(
+        _instance_query()
+        .where(
+            instance_t.c.funnel_id == funnel_id,
+            instance_t.c.version == version,
+            instance_t.c.status == "active",
+            instance_t.c.state.in_(list(states)),
+        )
+        .with_for_update(of=instance_t)
+    )
+    return [_row(r) for r in rows]
+
+
+def save_outcome(
+    conn: Connection,
+    *,
+    tenant_id: int,
+    funnel_id: int,
+    member_id: int,
+    instance: InstanceRow | None,
+    version: int,
+    outcome: Outcome,
+    event_type: str,
+    event_ref: str | None,
+    now: datetime,
+) -> int:
+    """Persist what `step` (or `relocate`) decided: the instance, stage history and timer
+    rows. Returns the instance id."""
+    new: MemberState = outcome.state
+    values = {
+        "version": version,
+        "status": new.status,
+        "state": new.state,
+        "stage": new.stage,
+        "data": new.to_json(),
+        "updated_at": now,
+    }
+    if instance is None:
+        instance_id: int = conn.execute(
+            insert(instance_t)
+            .values(tenant_id=tenant_id, funnel_id=funnel_id, member_id=member_id, **values)
+            .returning(instance_t.c.id)
+        ).scalar_one()
+    else:
+        instance_id = instance.id
+        conn.execute(update(instance_t).where(instance_t.c.id == instance_id).values(**values))
+    record_stage_changes(
+        conn,
+        tenant_id=tenant_id,
+        funnel_id=funnel_id,
+        member_id=member_id,
+        instance_id=instance_id,
+        version=version,
+        changes=outcome.stage_changes,
+        event_type=event_type,
+        event_ref=event_ref,
+    )
+    touched = {t.key for t in outcome.timers_armed} | set(outcome.timers_cancelled)
+    if touched:
+        # Delete then re-insert what the final state holds: a timer armed and cancelled in
+        # the same step (entered a state and left it at once) ends up with no row.
+        conn.execute(
+            delete(timer_t).where(timer_t.c.instance_id == instance_id, timer_t.c.key.in_(touched))
+        )
+        live = [t for t in new.timers if t.key in touched]
+        if live:
+            conn.execute(
+                insert(timer_t),
+                [
+                    {
+                        "tenant_id": tenant_id,
+                        "member_id": member_id,
+                        "funnel_id": funnel_id,
+                        "instance_id": instance_id,
+                        "key": t.key,
+                        "due_at": t.due_at,
+                        "attempts": 0,
+                        "created_at": now,
+                    }
+                    for t in live
+                ],
+            )
+    return instance_id
+
+
+def record_stage_changes(
+    conn: Connection,
+    *,
+    tenant_id: int,
+    funnel_id: int,
+    member_id: int,
+    instance_id: int,
+    version: int,
+    changes: Iterable[StageChange],
+    event_type: str,
+    event_ref: str | None,
+) -> None:
+    """One stage_history row per stay in a stage; leaving closes the open row."""
+    for change in changes:
+        if change.left is not None:
+            conn.execute(
+                update(history_t)
+                .where(history_t.c.instance_id == instance_id, history_t.c.left_at.is_(None))
+                .values(left_at=change.at, left_by=event_type)
+            )
+        if change.entered is not None:
+            assert change.to_state is not None
+            conn.execute(
+                insert(history_t).values(
+                    tenant_id=tenant_id,
+                    funnel_id=funnel_id,
+                    member_id=member_id,
+                    instance_id=instance_id,
+                    version=version,
+                    stage=change.entered,
+                    state=change.to_state,
+                    entered_at=change.at,
+                    entered_by=event_type,
+                    entered_event_id=event_ref,
+                )
+            )

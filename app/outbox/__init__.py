@@ -1,0 +1,1 @@
+"""Outbound actions: rows written by the dispatcher, delivered as signed webhooks."""

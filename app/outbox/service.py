@@ -1,0 +1,80 @@
+"""Writing actions to the outbox (the dispatcher), and the admin view of deliveries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Table, insert
+
+from app.engine.state import PlannedAction
+from app.outbox.models import ActionEndpoint, DeliveryAttempt, Outbox
+
+outbox_t: Table = Outbox.__table__  # type: ignore[attr-defined]
+attempt_t: Table = DeliveryAttempt.__table__  # type: ignore[attr-defined]
+endpoint_t: Table = ActionEndpoint.__table__  # type: ignore[attr-defined]
+
+PENDING, DELIVERING, DELIVERED, DEAD, SUPPRESSED = (
+    "pending",
+    "delivering",
+    "delivered",
+    "dead",
+    "suppressed",
+)
+
+
+def delivery_id(outbox_id: int) -> str:
+    """The outbound `webhook-id`: stable across retries, so receivers can dedupe."""
+    return f"act_{outbox_id}"
+
+
+def enqueue(
+    conn: Connection,
+    *,
+    tenant_id: int,
+    member_id: int | None,
+    member_external_id: str | None,
+    funnel_id: int | None,
+    funnel_key: str | None,
+    version: int | None,
+    event_id: int | None,
+    event_type: str,
+    actions: Sequence[PlannedAction],
+    now: datetime,
+) -> list[int]:
+    """One outbox row per action, in order; returns their ids. Suppressed actions are kept
+    for the record (the send policy said no) and never delivered."""
+    if not actions:
+        return []
+    rows: list[dict[str, Any]] = []
+    for a in actions:
+        rows.append(
+            {
+                "tenant_id": tenant_id,
+                "member_id": member_id,
+                "event_id": event_id,
+                "funnel_id": funnel_id,
+                "source": a.source,
+                "type": a.type,
+                "payload": {
+                    "type": a.type,
+                    "params": dict(a.params),
+                    "member": {"id": member_external_id} if member_external_id else None,
+                    "funnel": {"key": funnel_key, "version": version} if funnel_key else None,
+                    "source": a.source,
+                    "cause": {"event_id": event_id, "type": event_type},
+                    "disposition": a.disposition,
+                    "deliver_at": a.deliver_at.isoformat(),
+                },
+                "status": SUPPRESSED if a.disposition == "suppressed" else PENDING,
+                "order_at": a.deliver_at,
+                "next_attempt_at": a.deliver_at,
+                "attempts": 0,
+                "created_at": now,
+            }
+        )
+    result = conn.execute(
+        insert(outbox_t).returning(outbox_t.c.id, sort_by_parameter_order=True), rows
+    )
+    return [r[0] for r in result]
