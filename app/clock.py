@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -26,3 +26,7 @@ class FrozenClock:
 
     def set(self, at: datetime) -> None:
         self._at = at
+
+    def advance(self, by: timedelta) -> datetime:
+        self._at += by
+        return self._at

@@ -7,6 +7,7 @@ skip with a reason when no server is reachable, except under CI=true, where they
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import uuid
@@ -23,6 +24,7 @@ from sqlalchemy.engine import make_url
 from app.clock import FrozenClock
 from app.config import Settings
 from app.db import make_engine, metadata, session_scope
+from app.events.ingest import signed_headers
 from app.main import create_app
 from app.migrations import upgrade
 from app.tenancy.service import create_tenant
@@ -166,3 +168,41 @@ def new_tenant(engine: Engine, name: str = "acme") -> tuple[int, dict[str, str]]
 
 FUNNELS = Path(__file__).resolve().parent.parent / "funnels"
 EXAMPLE_FUNNELS = sorted(p for p in FUNNELS.glob("*.json") if p.name != "funnel.schema.json")
+
+
+class Source:
+    """A webhook source created through the API, and a signer for events sent to it."""
+
+    def __init__(
+        self, client: Client, headers: dict[str, str], clock: FrozenClock, name: str = "group-bot"
+    ) -> None:
+        r = client.post("/v1/webhook-sources", json={"name": name}, headers=headers)
+        assert r.status_code == 201, r.text
+        created = r.json()
+        self.client, self.clock, self.name, self.headers = client, clock, name, headers
+        self.path, self.secret = "/v1/webhooks/" + created["id"], created["secret"]
+
+    def send(
+        self,
+        event: dict[str, object] | None = None,
+        *,
+        msg_id: str | None = None,
+        at: datetime | None = None,
+        secrets: list[str] | None = None,
+        body: bytes | None = None,
+        drop: tuple[str, ...] = (),
+    ) -> httpx.Response:
+        body = body if body is not None else json.dumps(event).encode()
+        headers = signed_headers(
+            secrets or [self.secret],
+            msg_id or f"msg_{uuid.uuid4().hex}",
+            at or self.clock.now(),
+            body,
+        )
+        for name in drop:
+            headers.pop(name)
+        return self.client.post(self.path, content=body, headers=headers)
+
+
+def event(type_: str, member: str = "m-1", **data: object) -> dict[str, object]:
+    return {"type": type_, "member": {"id": member}, "data": data}

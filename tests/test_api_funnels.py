@@ -94,8 +94,7 @@ def test_validate_endpoint_does_not_publish(client, engine):
 def _enter(engine, tenant_id, external_id, events):
     """Apply events through the write path (the dispatcher, as ingestion does)."""
     items = [
-        Inbound(tenant_id, "test", e.type, dict(e.data), member={"id": external_id})
-        for e in events
+        Inbound(tenant_id, "test", e.type, dict(e.data), member={"id": external_id}) for e in events
     ]
     replies = apply_batch(engine, items, T0)
     assert all(r.ok for r in replies), [r.error for r in replies]

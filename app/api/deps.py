@@ -14,7 +14,7 @@ from app.clock import Clock
 from app.config import Settings
 from app.errors import FieldProblem, Unauthorized
 from app.members.models import Member
-from app.security import read_member_token
+from app.security import MemberClaims, read_member_token
 from app.tenancy.models import Tenant
 from app.tenancy.service import KEY_PREFIX, authenticate
 
@@ -88,9 +88,16 @@ def current_tenant(request: Request, session: SessionDep) -> Tenant:
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
 
 
-def current_member(
-    request: Request, session: SessionDep, settings: SettingsDep, now: NowDep
-) -> Member:
+def _invalid_member_token() -> Unauthorized:
+    return Unauthorized(
+        "the member token is invalid or expired",
+        errors=[FieldProblem("header:Authorization", "invalid or expired member token")],
+    )
+
+
+def member_claims(request: Request, settings: SettingsDep, now: NowDep) -> MemberClaims:
+    """A valid member token's claims, without touching the database (the event path looks
+    the member up inside its own transaction)."""
     presented = _bearer(request)
     if presented is None or presented[1].startswith(f"{KEY_PREFIX}_"):
         raise Unauthorized(
@@ -98,12 +105,18 @@ def current_member(
             errors=[FieldProblem("header:Authorization", "missing member token")],
         )
     claims = read_member_token(settings.secret_key, presented[1], now)
-    member = session.get(Member, claims.member_id) if claims else None
-    if claims is None or member is None or member.tenant_id != claims.tenant_id:
-        raise Unauthorized(
-            "the member token is invalid or expired",
-            errors=[FieldProblem("header:Authorization", "invalid or expired member token")],
-        )
+    if claims is None:
+        raise _invalid_member_token()
+    return claims
+
+
+MemberClaimsDep = Annotated[MemberClaims, Depends(member_claims)]
+
+
+def current_member(claims: MemberClaimsDep, session: SessionDep) -> Member:
+    member = session.get(Member, claims.member_id)
+    if member is None or member.tenant_id != claims.tenant_id:
+        raise _invalid_member_token()
     return member
 
 

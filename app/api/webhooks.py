@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.deps import MemberDep
+from app.api.deps import MemberClaimsDep
 from app.errors import DomainError, FieldProblem, NotFound
 from app.events.dispatch import Dispatcher, Inbound, Reply
 from app.events.ingest import InvalidEvent, loads, parse_event, verify_signature
@@ -114,19 +114,18 @@ async def receive_webhook(source_id: str, request: Request) -> Response:
 )
 async def member_event(
     request: Request,
-    member: MemberDep,
+    member: MemberClaimsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """An event a member reports about themselves from the mini-program: a check-in, a
     poster scan, an invite code. Payments and orders come only from the shop's signed
     webhooks. Send an `Idempotency-Key` to make retries safe."""
     state = request.app.state
-    assert member.id is not None
     body = await request.body()
     try:
         state.rate_limiter.check(member.tenant_id)
         event = parse_event(
-            orjson.dumps({**_loads_object(body), "member": {"id": member.external_id}})
+            orjson.dumps({**_loads_object(body), "member": {"id": str(member.member_id)}})
         )
         if event.type not in MEMBER_REPORTABLE:
             raise InvalidEvent(
@@ -142,10 +141,10 @@ async def member_event(
         source="member",
         type=event.type,
         data=event.data,
-        key=f"{member.id}:{idempotency_key}" if idempotency_key else None,
+        key=f"{member.member_id}:{idempotency_key}" if idempotency_key else None,
         digest=event.digest,
         occurred_at=event.occurred_at,
-        member={"id": member.external_id},
+        member_id=member.member_id,
     )
     return await _dispatch(request, item)
 

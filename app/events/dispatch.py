@@ -36,7 +36,7 @@ from app.clock import Clock
 from app.engine import MemberState, step
 from app.engine.catalogue import BUILTIN_EVENTS
 from app.engine.state import Event
-from app.errors import Conflict, DomainError
+from app.errors import Conflict, DomainError, NotFound
 from app.events.ingest import unknown_type
 from app.events.models import EventLog
 from app.funnels import store
@@ -209,8 +209,12 @@ def _step_funnels(
         m = _member(conn, item.tenant_id, item.member, now)
     else:
         m = conn.execute(
-            select(member_t).where(member_t.c.id == item.member_id).with_for_update()
-        ).one()
+            select(member_t)
+            .where(member_t.c.id == item.member_id, member_t.c.tenant_id == item.tenant_id)
+            .with_for_update()
+        ).first()
+        if m is None:
+            raise NotFound(f"no member {item.member_id}")
     profile = _profile(m)
     versions = cache.open_versions(conn, item.tenant_id)
     instances = store.member_instances(conn, m.id)

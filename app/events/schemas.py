@@ -2,9 +2,9 @@
 
 Every inbound event is an envelope: `type`, the `member` it happened to, an optional
 `occurred_at`, and a `data` object whose fields depend on the type. Guards see the data
-fields directly (`event.amount`), next to `event.type` and `event.id`.
+fields directly (`event.amount_fen`), next to `event.type` and `event.id`.
 
-Amounts are integers in the currency's minor unit (fen for CNY), never floats. Data objects
+Money is integer fen (`amount_fen`), never floats, as in funnel definitions. Data objects
 accept fields beyond the documented ones (integrations add their own, guards may read them);
 the documented fields are type-checked.
 """
@@ -84,7 +84,7 @@ class OrderItem(BaseModel):
 
 class OrderPlacedData(_Data):
     order_id: str = Id
-    amount: int = Field(ge=0, description="minor units (fen)")
+    amount_fen: int = Field(ge=0, description="money in integer fen (1/100 yuan)")
     currency: str = Field(default="CNY", min_length=3, max_length=3)
     items: list[OrderItem] = Field(default_factory=list, max_length=500)
     channel: str | None = Field(default=None, max_length=64)
@@ -96,7 +96,7 @@ class OrderPaidData(OrderPlacedData):
 
 class OrderRefundedData(_Data):
     order_id: str = Id
-    amount: int = Field(ge=0, description="minor units (fen)")
+    amount_fen: int = Field(ge=0, description="money in integer fen (1/100 yuan)")
     reason: str | None = Field(default=None, max_length=200)
 
 
