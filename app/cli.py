@@ -54,6 +54,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("files", nargs="+", type=Path)
     p.set_defaults(run=cmd_load_funnels)
 
+    p = sub.add_parser(
+        "worker",
+        help="fire timers, deliver actions and prune keys, without serving HTTP "
+        "(run the service with FLYWHEEL_WORKERS=off then)",
+    )
+    p.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="exit once no timer is due and no delivery is waiting; print the totals as JSON",
+    )
+    p.set_defaults(run=cmd_worker)
+
     p = sub.add_parser("serve", help="run the HTTP service")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -254,6 +266,36 @@ def cmd_load_funnels(args: argparse.Namespace) -> int:
             _out(f"{path}: {'published' if created else 'unchanged,'} version {version.version}")
     _out(f'Get an API key for tenant "{tenant.name}": .venv/bin/flywheel create-key {tenant.name}')
     return 1 if failed else 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+    import json
+    import signal
+
+    from app.clock import SystemClock
+    from app.config import get_settings
+    from app.observability import Metrics, configure_logging
+    from app.workers import Workers
+
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    workers = Workers(_engine(), settings, SystemClock(), Metrics())
+    if args.until_idle:
+        totals = asyncio.run(workers.until_idle())
+        _out(json.dumps(dataclasses.asdict(totals)))
+        return 0
+
+    async def forever() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await workers.run(stop)
+
+    asyncio.run(forever())
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

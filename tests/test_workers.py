@@ -1,0 +1,352 @@
+"""Durable timers and outbound delivery, with a real HTTP receiver — SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import uvicorn
+from sqlalchemy import func, select
+from standardwebhooks.webhooks import Webhook
+
+from app.clock import FrozenClock
+from app.events.dispatch import Inbound, apply_batch
+from app.events.models import EventLog
+from app.funnels.models import FunnelInstance
+from app.outbox import delivery
+from app.outbox.delivery import BACKOFF, MAX_ATTEMPTS, decide
+from app.outbox.models import Outbox
+from app.timers.models import Timer
+from tests.conftest import Client, Source, app_for, event, new_tenant
+from tests.factories import welcome
+
+
+def count(engine, model, *where) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
+
+
+def deliver(app) -> int:
+    async def go() -> int:
+        async with delivery.new_client(5, 4) as client:
+            return await app.state.workers.deliver(client)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def setup(engine, clock):
+    app = app_for(engine, clock)
+    client = Client(app)
+    _, h = new_tenant(engine)
+    assert client.put("/v1/funnels/welcome", json=welcome(), headers=h).status_code == 201
+    return app, client, h, Source(client, h, clock)
+
+
+# ── timers ────────────────────────────────────────────────────────────────────────────────
+def test_a_timer_fires_once_when_due_and_survives_a_restart(setup, engine, clock):
+    app, _client, _h, source = setup
+    source.send(event("member.joined", "wx-1"))
+    assert count(engine, Timer) == 1
+    assert app.state.workers.fire_timers() == []  # not due yet
+    clock.advance(timedelta(minutes=59))
+    assert app.state.workers.fire_timers() == []
+
+    clock.advance(timedelta(minutes=1))
+    restarted = app_for(engine, clock)  # a fresh process over the same database
+    (reply,) = restarted.state.workers.fire_timers()
+    (f,) = reply.body["funnels"]
+    assert (f["from_state"], f["state"]) == ("joined", "nudged")
+    assert [a["params"]["text"] for a in f["actions"]] == ["Say hello!"]
+    assert count(engine, Timer) == 0
+    assert count(engine, EventLog, EventLog.type == "timer.fired") == 1
+    assert restarted.state.workers.fire_timers() == [] and app.state.workers.fire_timers() == []
+
+
+def test_leaving_a_state_cancels_its_timer(setup, engine, clock):
+    app, _client, _h, source = setup
+    source.send(event("member.joined", "wx-1"))
+    source.send(event("message.posted", "wx-1", group_id="g", message_id="1"))
+    clock.advance(timedelta(hours=2))
+    assert app.state.workers.fire_timers() == []
+    assert count(engine, FunnelInstance, FunnelInstance.state == "active") == 1
+
+
+# ── delivery decisions (pure) ─────────────────────────────────────────────────────────────
+def test_backoff_spans_more_than_a_day_then_dead_letters():
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    waits = []
+    for attempt in range(1, MAX_ATTEMPTS):
+        d = decide(attempt, 500, None, now)
+        assert d.kind == "retry" and d.at is not None
+        waits.append((d.at - now).total_seconds())
+    assert waits == list(BACKOFF) and sum(waits) > 24 * 3600
+    assert decide(MAX_ATTEMPTS, 500, None, now).kind == "dead"
+    assert decide(1, 204, None, now).kind == "delivered"
+    assert decide(3, 410, None, now).kind == "disable"
+    slow = decide(1, 429, None, now, retry_after=timedelta(minutes=10))
+    assert slow.at == now + timedelta(minutes=10)
+
+
+# ── a real receiver ───────────────────────────────────────────────────────────────────────
+class Receiver:
+    """A second uvicorn server on 127.0.0.1 that verifies signatures and answers with
+    `script` statuses first (then 200)."""
+
+    def __init__(self, script: list[int] | None = None) -> None:
+        self.script = list(script or [])
+        self.calls: list[dict[str, Any]] = []
+        self.secrets: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            status = self.script.pop(0) if self.script else 200
+            self.calls.append(
+                {
+                    "headers": headers,
+                    "raw": body,
+                    "body": json.loads(body),
+                    "valid": self.verify(headers, body),
+                }
+            )
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def verify(self, headers: dict[str, str], body: bytes) -> bool:
+        """Standard Webhooks verification with the secrets this receiver holds (the
+        timestamp's freshness is the receiver's policy; tests move the service clock)."""
+        ts = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
+        presented = [s.split(",", 1)[1] for s in headers["webhook-signature"].split()]
+        for secret in self.secrets:
+            expected = Webhook(secret).sign(headers["webhook-id"], ts, body.decode()).split(",")[1]
+            if any(hmac.compare_digest(expected, p) for p in presented):
+                return True
+        return False
+
+    @property
+    def url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/actions"
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "receiver did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as r:
+        yield r
+
+
+def _connect(client, h, receiver) -> str:
+    r = client.put("/v1/action-endpoint", json={"url": receiver.url}, headers=h)
+    assert r.status_code == 200, r.text
+    receiver.secrets = [r.json()["secret"]]
+    return r.json()["secret"]
+
+
+def _action(response) -> dict[str, Any]:
+    (f,) = response.json()["funnels"]
+    (action,) = f["actions"]
+    return action
+
+
+def test_failed_deliveries_retry_with_backoff_then_arrive_signed(setup, engine, clock, receiver):
+    app, client, h, source = setup
+    _connect(client, h, receiver)
+    receiver.script = [500, 503]
+    action = _action(source.send(event("member.joined", "wx-1")))
+
+    assert deliver(app) == 1  # attempt 1: 500
+    assert deliver(app) == 0  # the next is 5 s away
+    clock.advance(timedelta(seconds=5))
+    assert deliver(app) == 1  # attempt 2: 503
+    clock.advance(timedelta(seconds=299))
+    assert deliver(app) == 0
+    clock.advance(timedelta(seconds=1))
+    assert deliver(app) == 1  # attempt 3: delivered
+
+    assert [c["headers"]["webhook-id"] for c in receiver.calls] == [action["id"]] * 3
+    assert all(c["valid"] for c in receiver.calls)
+    assert receiver.calls[-1]["body"]["params"]["text"] == "Welcome "
+    assert receiver.calls[-1]["body"]["member"] == {"id": "wx-1"}
+    detail = client.get(f"/v1/deliveries/{action['id']}", headers=h).json()
+    assert detail["status"] == "delivered" and detail["attempts"] == 3
+    assert [a["status_code"] for a in detail["history"]] == [500, 503, 200]
+    assert deliver(app) == 0
+
+
+def test_a_dead_endpoint_dead_letters_after_the_last_try_and_replay_resends(
+    setup, engine, clock, receiver
+):
+    app, client, h, source = setup
+    _connect(client, h, receiver)
+    receiver.script = [500] * MAX_ATTEMPTS
+    action = _action(source.send(event("member.joined", "wx-1")))
+    for wait in (0, *BACKOFF):
+        clock.advance(timedelta(seconds=wait))
+        assert deliver(app) == 1
+    row = client.get(f"/v1/deliveries/{action['id']}", headers=h).json()
+    assert row["status"] == "dead" and row["attempts"] == MAX_ATTEMPTS
+    assert [d["id"] for d in client.get("/v1/deliveries?status=dead", headers=h).json()] == [
+        action["id"]
+    ]
+    clock.advance(timedelta(days=2))
+    assert deliver(app) == 0  # dead letters stay put
+
+    r = client.post(f"/v1/deliveries/{action['id']}/replay", headers=h)
+    assert r.status_code == 202 and r.json()["status"] == "pending"
+    assert deliver(app) == 1
+    assert client.get(f"/v1/deliveries/{action['id']}", headers=h).json()["status"] == "delivered"
+    assert client.post(f"/v1/deliveries/{action['id']}/replay", headers=h).status_code == 202
+    r = client.post("/v1/deliveries/act_999999/replay", headers=h)
+    assert r.status_code == 404
+
+
+def test_a_members_actions_are_delivered_in_order(setup, engine, clock, receiver):
+    app, client, h, source = setup
+    _connect(client, h, receiver)
+    receiver.script = [500]
+    source.send(event("member.joined", "wx-1"))
+    source.send(event("message.posted", "wx-1", group_id="g", message_id="1"))
+    source.send(event("order.paid", "wx-1", order_id="o1", amount_fen=4000))
+    source.send(event("member.joined", "wx-2"))
+    assert deliver(app) == 2  # wx-1's welcome (fails) and wx-2's welcome; not wx-1's voucher
+    assert [c["body"]["member"]["id"] for c in receiver.calls] in (
+        ["wx-1", "wx-2"],
+        ["wx-2", "wx-1"],
+    )
+    assert deliver(app) == 0  # the voucher waits behind the welcome
+    clock.advance(timedelta(seconds=5))
+    assert deliver(app) == 1 and deliver(app) == 1
+    mine = [c["body"]["type"] for c in receiver.calls if c["body"]["member"]["id"] == "wx-1"]
+    assert mine == ["send_message", "send_message", "issue_voucher"]
+
+
+def test_410_disables_the_endpoint_until_it_is_set_again(setup, engine, clock, receiver):
+    app, client, h, source = setup
+    _connect(client, h, receiver)
+    receiver.script = [410]
+    action = _action(source.send(event("member.joined", "wx-1")))
+    assert deliver(app) == 1
+    endpoint = client.get("/v1/action-endpoint", headers=h).json()
+    assert endpoint["disabled_at"] and "410" in endpoint["disabled_reason"]
+    clock.advance(timedelta(hours=1))
+    assert deliver(app) == 0
+    client.put("/v1/action-endpoint", json={"url": receiver.url}, headers=h)
+    assert deliver(app) == 1
+    row = client.get(f"/v1/deliveries/{action['id']}", headers=h).json()
+    assert row["status"] == "delivered" and row["attempts"] == 1  # the 410 try is not counted
+
+
+def test_a_rotated_endpoint_secret_signs_with_both_during_the_grace(setup, clock, receiver):
+    app, client, h, source = setup
+    old = _connect(client, h, receiver)
+    new = client.post("/v1/action-endpoint/rotate-secret", headers=h).json()["secret"]
+    source.send(event("member.joined", "wx-1"))
+    deliver(app)
+    call = receiver.calls[-1]
+    assert len(call["headers"]["webhook-signature"].split()) == 2
+    for secrets in ([old], [new]):  # a receiver holding either secret verifies
+        receiver.secrets = secrets
+        assert receiver.verify(call["headers"], call["raw"])
+    receiver.secrets = ["whsec_" + base64.b64encode(b"x" * 32).decode()]
+    assert not receiver.verify(call["headers"], call["raw"])
+
+
+def test_no_action_is_lost_without_an_endpoint(setup, engine, clock, receiver):
+    app, client, h, source = setup
+    source.send(event("member.joined", "wx-1"))
+    assert deliver(app) == 0 and count(engine, Outbox, Outbox.status == "pending") == 1
+    _connect(client, h, receiver)
+    assert deliver(app) == 1 and count(engine, Outbox, Outbox.status == "delivered") == 1
+
+
+def test_private_action_urls_are_refused_in_production(engine, clock):
+    from app.main import create_app
+    from tests.conftest import settings_for
+
+    url = engine.url.render_as_string(hide_password=False)
+    settings = settings_for(url).model_copy(update={"allow_private_action_urls": False})
+    client = Client(create_app(settings, engine=engine, clock=clock))
+    _, h = new_tenant(engine)
+    r = client.put("/v1/action-endpoint", json={"url": "http://127.0.0.1:9/x"}, headers=h)
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "url"
+
+
+# ── several worker processes ──────────────────────────────────────────────────────────────
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_two_worker_processes_fire_1000_due_timers_exactly_once(postgres_url):
+    from app.db import make_engine
+    from tests.conftest import _truncate
+
+    engine = make_engine(postgres_url)
+    try:
+        _run_two_workers(engine, postgres_url)
+    finally:
+        _truncate(engine)
+        engine.dispose()
+
+
+def _run_two_workers(engine, url: str) -> None:
+    tenant_id, h = new_tenant(engine)
+    past = FrozenClock(datetime.now(UTC) - timedelta(hours=2))
+    client = Client(app_for(engine, past))
+    assert client.put("/v1/funnels/welcome", json=welcome(), headers=h).status_code == 201
+    items = [
+        Inbound(tenant_id, "test", "member.joined", member={"id": f"m{i}"}) for i in range(1000)
+    ]
+    assert all(r.ok for r in apply_batch(engine, items, past.now()))
+    assert count(engine, Timer) == 1000
+
+    env = {**os.environ, "FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_TIMER_BATCH": "25"}
+    env["FLYWHEEL_LOG_LEVEL"] = "WARNING"
+    cmd = [sys.executable, "-m", "app.cli", "worker", "--until-idle"]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    fired = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        fired.append(json.loads(out.strip().splitlines()[-1])["timers_fired"])
+    print(f"timers fired per worker process: {fired}")
+    assert sum(fired) == 1000, fired
+    assert count(engine, Timer) == 0
+    assert count(engine, EventLog, EventLog.type == "timer.fired") == 1000
+    assert count(engine, FunnelInstance, FunnelInstance.state == "nudged") == 1000
+    assert count(engine, Outbox, Outbox.source == "transitions[2].actions[0]") == 1000
