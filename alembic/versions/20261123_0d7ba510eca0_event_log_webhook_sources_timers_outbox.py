@@ -65,7 +65,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['member_id'], ['member.id'], name=op.f('fk_event_member_id_member')),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenant.id'], name=op.f('fk_event_tenant_id_tenant')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_event')),
-    sa.UniqueConstraint('tenant_id', 'source', 'dedupe_key', name=op.f('uq_event_tenant_id_source_dedupe_key'))
+    sa.UniqueConstraint('tenant_id', 'source', 'dedupe_key', name=op.f('uq_event_tenant_id_source_dedupe_key')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('event', schema=None) as batch_op:
         batch_op.create_index('ix_event_member_type_time', ['member_id', 'type', 'occurred_at'], unique=False)
@@ -92,7 +93,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['funnel_id'], ['funnel.id'], name=op.f('fk_outbox_funnel_id_funnel')),
     sa.ForeignKeyConstraint(['member_id'], ['member.id'], name=op.f('fk_outbox_member_id_member')),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenant.id'], name=op.f('fk_outbox_tenant_id_tenant')),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_outbox'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_outbox')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.create_index('ix_outbox_due', ['status', 'next_attempt_at'], unique=False)
@@ -129,7 +131,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['member_id'], ['member.id'], name=op.f('fk_timer_member_id_member')),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenant.id'], name=op.f('fk_timer_tenant_id_tenant')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_timer')),
-    sa.UniqueConstraint('instance_id', 'key', name=op.f('uq_timer_instance_id_key'))
+    sa.UniqueConstraint('instance_id', 'key', name=op.f('uq_timer_instance_id_key')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('timer', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_timer_due_at'), ['due_at'], unique=False)

@@ -41,6 +41,7 @@ class EventLog(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("tenant_id", "source", "dedupe_key"),
         Index("ix_event_member_type_time", "member_id", "type", "occurred_at"),
+        {"sqlite_autoincrement": True},  # ids are never reused, even after pruning
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True))

@@ -37,6 +37,8 @@ class Outbox(SQLModel, table=True):
         Index("ix_outbox_due", "status", "next_attempt_at"),
         Index("ix_outbox_member_order", "tenant_id", "member_id", "status", "order_at"),
         Index("ix_outbox_tenant_id", "tenant_id", "id"),
+        # AUTOINCREMENT on SQLite: `act_<id>` is the receivers' dedupe key, never reused.
+        {"sqlite_autoincrement": True},
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True))

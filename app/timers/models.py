@@ -14,7 +14,8 @@ class Timer(SQLModel, table=True):
     Firing deletes the row in the same transaction that applies the timer event, so a timer
     fires at most once; a worker that dies mid-way rolls back and the row is claimed again."""
 
-    __table_args__ = (UniqueConstraint("instance_id", "key"),)
+    # AUTOINCREMENT on SQLite: a fired timer's id is never given to a new timer.
+    __table_args__ = (UniqueConstraint("instance_id", "key"), {"sqlite_autoincrement": True})
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True))
     tenant_id: int = Field(foreign_key="tenant.id")
