@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
 
@@ -26,6 +26,7 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+READ_ONLY = "flywheel_read_only"
 metadata: MetaData = SQLModel.metadata
 metadata.naming_convention = NAMING_CONVENTION
 
@@ -74,7 +75,10 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers marked with READ_ONLY take a deferred BEGIN: in WAL mode they never wait
+        # for the writer, and the writer never waits for them.
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 @contextmanager
@@ -89,6 +93,15 @@ def session_scope(engine: Engine) -> Iterator[Session]:
             raise
 
 
-def ping(engine: Engine) -> None:
+@contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads only (no write lock on SQLite)."""
     with engine.connect() as conn:
+        conn.execution_options(**{READ_ONLY: True})
+        with conn.begin():
+            yield conn
+
+
+def ping(engine: Engine) -> None:
+    with read_connection(engine) as conn:
         conn.execute(text("SELECT 1"))

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, delete, func, select, update
 
 from app.clock import Clock
 from app.config import Settings
+from app.db import read_connection
 from app.events.dispatch import Reply
 from app.events.models import EventLog
 from app.observability import Metrics, gauge
@@ -173,7 +174,7 @@ class Workers:
     def install_gauges(self) -> None:
         def collect() -> list[Any]:
             now = self.clock.now()
-            with self.engine.connect() as conn:
+            with read_connection(self.engine) as conn:
                 by_status: dict[str, int] = dict(
                     conn.execute(
                         select(outbox_t.c.status, func.count())

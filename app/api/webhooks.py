@@ -13,6 +13,7 @@ import orjson
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from app import observability as log_context
 from app.api.deps import MemberClaimsDep
 from app.errors import DomainError, FieldProblem, NotFound
 from app.events.dispatch import Dispatcher, Inbound, Reply
@@ -79,6 +80,8 @@ async def receive_webhook(source_id: str, request: Request) -> Response:
         source = await run_in_threadpool(state.sources.get, source_id)
         if source is None:
             raise NotFound(f'no webhook source "{source_id}"')
+        log_context.tenant_id.set(source.tenant_id)
+        log_context.event_id.set(request.headers.get("webhook-id"))
         body = await request.body()
         now = state.clock.now()
         msg_id = verify_signature(

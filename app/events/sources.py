@@ -8,9 +8,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from app.db import read_connection
 from app.errors import Conflict, NotFound
 from app.events.models import WebhookSource
 
@@ -105,23 +107,23 @@ class SourceCache:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        with Session(self.engine) as session:
-            row = session.exec(
-                select(WebhookSource).where(WebhookSource.public_id == public_id)
+        t = WebhookSource.__table__  # type: ignore[attr-defined]
+        with read_connection(self.engine) as conn:
+            row = conn.execute(
+                sa.select(
+                    t.c.id,
+                    t.c.tenant_id,
+                    t.c.name,
+                    t.c.public_id,
+                    t.c.secret,
+                    t.c.previous_secret,
+                    t.c.previous_expires_at,
+                ).where(t.c.public_id == public_id)
             ).first()
-            if row is None:
-                self._hits.pop(public_id, None)
-                return None
-            assert row.id is not None
-            info = SourceInfo(
-                row.id,
-                row.tenant_id,
-                row.name,
-                row.public_id,
-                row.secret,
-                row.previous_secret,
-                row.previous_expires_at,
-            )
+        if row is None:
+            self._hits.pop(public_id, None)
+            return None
+        info = SourceInfo(*row)
         if len(self._hits) > 10_000:
             self._hits.clear()
         self._hits[public_id] = (now + self.ttl, info)

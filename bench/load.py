@@ -1,0 +1,133 @@
+"""A small HTTP/1.1 load generator: C keep-alive connections on asyncio streams (uvloop when
+installed), each sending pre-built requests back to back, bounded by a duration and a count.
+
+It is much lighter than an HTTP client library per request, which matters on a 2-core
+machine where the generator and the server share the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoadResult:
+    sent: int = 0
+    ok: int = 0
+    errors: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else 0.0
+
+        return {
+            "requests": self.sent,
+            "rps": round(self.ok / self.seconds, 1) if self.seconds else 0.0,
+            "p50_ms": round(pct(0.50), 2),
+            "p99_ms": round(pct(0.99), 2),
+            "errors": self.errors,
+        }
+
+
+def build(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _connection(
+    host: str, port: int, requests: list[bytes], cursor: list[int], deadline: float, out: LoadResult
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < deadline and cursor[0] < len(requests):
+            request = requests[cursor[0]]
+            cursor[0] += 1
+            started = time.perf_counter()
+            writer.write(request)
+            out.sent += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if length:
+                await reader.readexactly(length)
+            out.latencies.append(time.perf_counter() - started)
+            out.statuses[status] = out.statuses.get(status, 0) + 1
+            if 200 <= status < 300:
+                out.ok += 1
+            else:
+                out.errors += 1
+    finally:
+        writer.close()
+
+
+async def _run(host: str, port: int, requests: list[bytes], connections: int, seconds: float) -> LoadResult:
+    out = LoadResult()
+    cursor = [0]
+    started = time.perf_counter()
+    deadline = started + seconds
+    await asyncio.gather(
+        *(_connection(host, port, requests, cursor, deadline, out) for _ in range(connections))
+    )
+    out.seconds = time.perf_counter() - started
+    return out
+
+
+def run(host: str, port: int, requests: list[bytes], connections: int, seconds: float) -> LoadResult:
+    try:
+        import uvloop
+
+        return uvloop.run(_run(host, port, requests, connections, seconds))
+    except ImportError:
+        return asyncio.run(_run(host, port, requests, connections, seconds))
+
+
+def drive(
+    host: str,
+    port: int,
+    path: str,
+    secret: str,
+    kind: str,
+    members: int,
+    count: int,
+    connections: int,
+    seconds: float,
+    seed: int = 7,
+) -> dict[str, object]:
+    """Build `count` signed webhook requests (before the clock starts), then send them.
+    `kind` is "join" (each member joins once, in order) or "message" (random members post)."""
+    import json
+    import random
+    import uuid
+    from datetime import UTC, datetime
+
+    from app.events.ingest import signed_headers
+
+    rng = random.Random(seed)
+    now = datetime.now(UTC)
+    requests = []
+    for i in range(count):
+        member = f"bench-{i % members}" if kind == "join" else f"bench-{rng.randrange(members)}"
+        if kind == "join":
+            event = {"type": "member.joined", "member": {"id": member}, "data": {"group_id": "g1"}}
+        else:
+            event = {
+                "type": "message.posted",
+                "member": {"id": member},
+                "data": {"group_id": "g1", "message_id": uuid.uuid4().hex, "length": 24},
+            }
+        body = json.dumps(event).encode()
+        headers = signed_headers([secret], f"msg_{uuid.uuid4().hex}", now, body)
+        requests.append(build(host, port, path, body, headers))
+    result = run(host, port, requests, connections, seconds)
+    return {**result.summary(), "statuses": result.statuses}
