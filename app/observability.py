@@ -7,6 +7,7 @@ from context variables; no secrets and no message bodies are ever put in a log r
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -135,13 +136,20 @@ class RequestLogMiddleware:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.log = logging.getLogger("flywheel.http")
+        # A random prefix per process and a counter: unique, and far cheaper than uuid4()
+        # per request (which showed up as 13% of the server's CPU in a profile).
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count(1)
+
+    def _next_id(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         incoming = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode(errors="ignore")
-        rid = incoming[:64] if incoming.isprintable() and incoming else uuid.uuid4().hex
+        rid = incoming[:64] if incoming.isprintable() and incoming else self._next_id()
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500

@@ -27,7 +27,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-PG_SERVER = os.environ.get("FLYWHEEL_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_SERVER = os.environ.get(
+    "FLYWHEEL_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def free_port() -> int:
@@ -40,7 +42,7 @@ def start(app: str, env: dict[str, str], factory: bool) -> tuple[subprocess.Pope
     port = free_port()
     cmd = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port)]
     cmd += ["--no-access-log", "--log-level", "warning"] + (["--factory"] if factory else [])
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})  # noqa: S603 - our command
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -84,7 +86,9 @@ def prepare(url: str) -> tuple[str, str]:
     return path, secret
 
 
-def measure(pool: ProcessPoolExecutor, port: int, path: str, secret: str, kind: str, a: Any) -> dict[str, Any]:
+def measure(
+    pool: ProcessPoolExecutor, port: int, path: str, secret: str, kind: str, a: Any
+) -> dict[str, Any]:
     count = a.members if kind == "join" else int(a.seconds * 6000)
     seconds = 600.0 if kind == "join" else a.seconds
     return pool.submit(
@@ -130,7 +134,9 @@ def main() -> int:
             proc, port = start("bench.baseline:app", {}, factory=False)
             try:
                 secret = "whsec_" + "QkVOQ0hNQVJLQkVOQ0hNQVJLQkVOQ0hNQVJLQkVOQ0g="
-                results["baseline"] = measure(pool, port, "/v1/webhooks/src_b", secret, "message", a)
+                results["baseline"] = measure(
+                    pool, port, "/v1/webhooks/src_b", secret, "message", a
+                )
             finally:
                 stop(proc)
         if "sqlite" in targets:
@@ -173,9 +179,8 @@ def report(results: dict[str, dict[str, Any]], a: Any) -> None:
     }
     for key, r in results.items():
         ratio = f"{r['rps'] / base:.0%}" if base and key != "baseline" else "—"
-        rows.append(
-            f"| {labels[key]} | {r['rps']:,.0f} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {ratio} |"
-        )
+        cells = [labels[key], f"{r['rps']:,.0f}", r["p50_ms"], r["p99_ms"], r["errors"], ratio]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     table = "\n".join(rows)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     md = (

@@ -77,7 +77,9 @@ async def receive_webhook(source_id: str, request: Request) -> Response:
     state = request.app.state
     metrics: Metrics = state.metrics
     try:
-        source = await run_in_threadpool(state.sources.get, source_id)
+        source = state.sources.cached(source_id) or await run_in_threadpool(
+            state.sources.get, source_id
+        )
         if source is None:
             raise NotFound(f'no webhook source "{source_id}"')
         log_context.tenant_id.set(source.tenant_id)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -98,9 +98,45 @@ class BatchCache:
         return hit
 
 
-def _insert(conn: Connection, table: Table) -> Any:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+# Statements built once (see app.funnels.store); ON CONFLICT needs the dialect's insert.
+def _on_conflict_insert(table: Table, keys: list[str], returning: bool) -> dict[str, Any]:
+    out = {}
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
+        stmt = dialect.insert(table).on_conflict_do_nothing(index_elements=keys)
+        out[name] = stmt.returning(table.c.id) if returning else stmt
+    return out
+
+
+_CLAIM_KEY = _on_conflict_insert(event_t, ["tenant_id", "source", "dedupe_key"], returning=True)
+_INSERT_EVENT = insert(event_t).returning(event_t.c.id)
+_RESPOND = (
+    update(event_t)
+    .where(event_t.c.id == bindparam("b_id"))
+    .values(
+        member_id=bindparam("b_member"),
+        status_code=bindparam("b_status"),
+        response=bindparam("b_response"),
+    )
+)
+_PRIOR = select(event_t.c.digest, event_t.c.status_code, event_t.c.response).where(
+    event_t.c.tenant_id == bindparam("b_tenant"),
+    event_t.c.source == bindparam("b_source"),
+    event_t.c.dedupe_key == bindparam("b_key"),
+)
+_MEMBER_BY_EXTERNAL = (
+    select(member_t)
+    .where(
+        member_t.c.tenant_id == bindparam("b_tenant"), member_t.c.external_id == bindparam("b_ext")
+    )
+    .with_for_update()
+)
+_MEMBER_BY_ID = (
+    select(member_t)
+    .where(member_t.c.id == bindparam("b_id"), member_t.c.tenant_id == bindparam("b_tenant"))
+    .with_for_update()
+)
+_NEW_MEMBER = _on_conflict_insert(member_t, ["tenant_id", "external_id"], returning=False)
+_DROP_TIMER = delete(timer_t).where(timer_t.c.id == bindparam("b_id"))
 
 
 # ── one event ─────────────────────────────────────────────────────────────────────────────
@@ -116,37 +152,26 @@ def apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache)
         "data": item.data,
     }
     if item.key is not None:
-        stmt = (
-            _insert(conn, event_t)
-            .values(**row)
-            .on_conflict_do_nothing(index_elements=["tenant_id", "source", "dedupe_key"])
-            .returning(event_t.c.id)
-        )
-        event_id = conn.execute(stmt).scalar()
+        event_id = conn.execute(_CLAIM_KEY[conn.dialect.name], row).scalar()
         if event_id is None:
             return _replay(conn, item)
     else:
-        event_id = conn.execute(insert(event_t).values(**row).returning(event_t.c.id)).scalar_one()
+        event_id = conn.execute(_INSERT_EVENT, row).scalar_one()
 
     if item.timer_id is not None:
         body, n_actions = _fire_timer(conn, item, event_id, now)
     else:
         body, n_actions = _step_funnels(conn, item, event_id, now, cache)
     conn.execute(
-        update(event_t)
-        .where(event_t.c.id == event_id)
-        .values(member_id=body["member"]["id"], status_code=200, response=body)
+        _RESPOND,
+        {"b_id": event_id, "b_member": body["member"]["id"], "b_status": 200, "b_response": body},
     )
     return Reply(200, body, actions=n_actions)
 
 
 def _replay(conn: Connection, item: Inbound) -> Reply:
     prior = conn.execute(
-        select(event_t.c.digest, event_t.c.status_code, event_t.c.response).where(
-            event_t.c.tenant_id == item.tenant_id,
-            event_t.c.source == item.source,
-            event_t.c.dedupe_key == item.key,
-        )
+        _PRIOR, {"b_tenant": item.tenant_id, "b_source": item.source, "b_key": item.key}
     ).one()
     if prior.digest != item.digest:
         raise Conflict(
@@ -159,26 +184,21 @@ def _replay(conn: Connection, item: Inbound) -> Reply:
 def _member(conn: Connection, tenant_id: int, ref: dict[str, Any], now: datetime) -> Any:
     """Find the member by the integration's id (creating it on first sight), lock the row,
     and merge what the event says about the profile."""
-    query = (
-        select(member_t)
-        .where(member_t.c.tenant_id == tenant_id, member_t.c.external_id == ref["id"])
-        .with_for_update()
-    )
-    m = conn.execute(query).first()
+    key = {"b_tenant": tenant_id, "b_ext": ref["id"]}
+    m = conn.execute(_MEMBER_BY_EXTERNAL, key).first()
     if m is None:
         conn.execute(
-            _insert(conn, member_t)
-            .values(
-                tenant_id=tenant_id,
-                external_id=ref["id"],
-                nickname=ref.get("nickname"),
-                unionid=ref.get("unionid"),
-                attributes=ref.get("attributes") or {},
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["tenant_id", "external_id"])
+            _NEW_MEMBER[conn.dialect.name],
+            {
+                "tenant_id": tenant_id,
+                "external_id": ref["id"],
+                "nickname": ref.get("nickname"),
+                "unionid": ref.get("unionid"),
+                "attributes": ref.get("attributes") or {},
+                "created_at": now,
+            },
         )
-        return conn.execute(query).one()
+        return conn.execute(_MEMBER_BY_EXTERNAL, key).one()
     changes: dict[str, Any] = {}
     for name in ("nickname", "unionid"):
         if ref.get(name) is not None and ref[name] != getattr(m, name):
@@ -209,9 +229,7 @@ def _step_funnels(
         m = _member(conn, item.tenant_id, item.member, now)
     else:
         m = conn.execute(
-            select(member_t)
-            .where(member_t.c.id == item.member_id, member_t.c.tenant_id == item.tenant_id)
-            .with_for_update()
+            _MEMBER_BY_ID, {"b_id": item.member_id, "b_tenant": item.tenant_id}
         ).first()
         if m is None:
             raise NotFound(f"no member {item.member_id}")
@@ -327,10 +345,8 @@ def _fire_timer(
 ) -> tuple[dict[str, Any], int]:
     """A due timer: step its one instance with `timer.fired`, and delete the timer row in
     this same transaction (so it fires at most once)."""
-    conn.execute(delete(timer_t).where(timer_t.c.id == item.timer_id))
-    m = conn.execute(
-        select(member_t).where(member_t.c.id == item.member_id).with_for_update()
-    ).one()
+    conn.execute(_DROP_TIMER, {"b_id": item.timer_id})
+    m = conn.execute(_MEMBER_BY_ID, {"b_id": item.member_id, "b_tenant": item.tenant_id}).one()
     assert item.instance_id is not None and item.timer_key is not None
     inst = store.instance_by_id(conn, item.instance_id)
     outcomes, n_actions = [], 0

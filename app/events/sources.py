@@ -102,11 +102,16 @@ class SourceCache:
         self.engine, self.ttl = engine, ttl
         self._hits: dict[str, tuple[float, SourceInfo]] = {}
 
-    def get(self, public_id: str) -> SourceInfo | None:
+    def cached(self, public_id: str) -> SourceInfo | None:
+        """The source if this process read it within `ttl`; never touches the database."""
         hit = self._hits.get(public_id)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+    def get(self, public_id: str) -> SourceInfo | None:
+        hit = self.cached(public_id)
+        if hit is not None:
+            return hit
         now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
         t = WebhookSource.__table__  # type: ignore[attr-defined]
         with read_connection(self.engine) as conn:
             row = conn.execute(

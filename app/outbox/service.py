@@ -24,6 +24,9 @@ PENDING, DELIVERING, DELIVERED, DEAD, SUPPRESSED = (
 )
 
 
+_ENQUEUE = insert(outbox_t).returning(outbox_t.c.id, sort_by_parameter_order=True)
+
+
 def delivery_id(outbox_id: int) -> str:
     """The outbound `webhook-id`: stable across retries, so receivers can dedupe."""
     return f"act_{outbox_id}"
@@ -74,7 +77,5 @@ def enqueue(
                 "created_at": now,
             }
         )
-    result = conn.execute(
-        insert(outbox_t).returning(outbox_t.c.id, sort_by_parameter_order=True), rows
-    )
+    result = conn.execute(_ENQUEUE, rows)
     return [r[0] for r in result]
