@@ -61,7 +61,7 @@ def upgrade() -> None:
     sa.Column('received_at', app.db_types.UTCDateTime(), nullable=False),
     sa.Column('data', app.db_types.JSONType, nullable=False),
     sa.Column('status_code', sa.Integer(), nullable=True),
-    sa.Column('response', app.db_types.JSONType, nullable=True),
+    sa.Column('response', sa.Text(), nullable=True),
     sa.ForeignKeyConstraint(['member_id'], ['member.id'], name=op.f('fk_event_member_id_member')),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenant.id'], name=op.f('fk_event_tenant_id_tenant')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_event')),

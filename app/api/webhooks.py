@@ -45,7 +45,7 @@ def _respond(reply: Reply) -> Response:
         raise reply.error
     headers = {"Idempotent-Replayed": "true"} if reply.replayed else None
     return Response(
-        orjson.dumps(reply.body),
+        reply.content(),
         status_code=reply.status,
         media_type="application/json",
         headers=headers,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -79,6 +80,10 @@ class Reply:
     replayed: bool = False
     error: DomainError | None = None
     actions: int = 0
+    raw: bytes = b""  # the body's exact bytes, as stored
+
+    def content(self) -> bytes:
+        return self.raw or orjson.dumps(self.body)
 
     @property
     def ok(self) -> bool:
@@ -162,11 +167,17 @@ def apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache)
         body, n_actions = _fire_timer(conn, item, event_id, now)
     else:
         body, n_actions = _step_funnels(conn, item, event_id, now, cache)
+    raw = orjson.dumps(body)
     conn.execute(
         _RESPOND,
-        {"b_id": event_id, "b_member": body["member"]["id"], "b_status": 200, "b_response": body},
+        {
+            "b_id": event_id,
+            "b_member": body["member"]["id"],
+            "b_status": 200,
+            "b_response": raw.decode(),
+        },
     )
-    return Reply(200, body, actions=n_actions)
+    return Reply(200, body, actions=n_actions, raw=raw)
 
 
 def _replay(conn: Connection, item: Inbound) -> Reply:
@@ -178,7 +189,8 @@ def _replay(conn: Connection, item: Inbound) -> Reply:
             f'idempotency key "{item.key}" was already used with a different body; '
             "send a new key for a new event, or the same body to repeat the first"
         )
-    return Reply(prior.status_code or 200, prior.response or {}, replayed=True)
+    raw = (prior.response or "{}").encode()
+    return Reply(prior.status_code or 200, orjson.loads(raw), replayed=True, raw=raw)
 
 
 def _member(conn: Connection, tenant_id: int, ref: dict[str, Any], now: datetime) -> Any:

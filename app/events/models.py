@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Index, UniqueConstraint
+from sqlalchemy import Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from app.db_types import BigId, JSONType, UTCDateTime
@@ -55,4 +55,6 @@ class EventLog(SQLModel, table=True):
     received_at: datetime = Field(sa_type=UTCDateTime, index=True)
     data: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
     status_code: int | None = None
-    response: dict[str, Any] | None = Field(default=None, sa_type=JSONType)
+    # The first response's exact bytes (text, not JSONB, which would reorder the keys): a
+    # repeated delivery gets the identical body.
+    response: str | None = Field(default=None, sa_type=Text)
