@@ -350,3 +350,15 @@ def _run_two_workers(engine, url: str) -> None:
     assert count(engine, EventLog, EventLog.type == "timer.fired") == 1000
     assert count(engine, FunnelInstance, FunnelInstance.state == "nudged") == 1000
     assert count(engine, Outbox, Outbox.source == "transitions[2].actions[0]") == 1000
+
+
+def test_deliveries_page_newest_first_and_refuse_bad_cursors(setup, engine, clock):
+    _app, client, h, source = setup
+    for i in range(3):
+        source.send(event("member.joined", f"wx-{i}"))
+    page = client.get("/v1/deliveries?limit=2", headers=h).json()
+    assert len(page) == 2 and page[0]["id"] > page[1]["id"]
+    rest = client.get(f"/v1/deliveries?before={page[-1]['id']}", headers=h).json()
+    assert len(rest) == 1 and rest[0]["status"] == "pending"
+    r = client.get("/v1/deliveries?before=abc", headers=h)
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "query:before"

@@ -179,7 +179,10 @@ def list_deliveries(
     session: SessionDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
     member_id: int | None = None,
-    before: Annotated[str | None, Query(description="a delivery id: older ones only")] = None,
+    before: Annotated[
+        str | None,
+        Query(pattern=r"^(act_)?[0-9]{1,18}$", description="a delivery id: older ones only"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[DeliveryOut]:
     """Newest first; page with `before` = the last id of the previous page."""
@@ -189,7 +192,7 @@ def list_deliveries(
     if member_id is not None:
         query = query.where(Outbox.member_id == member_id)
     if before:
-        query = query.where(col(Outbox.id) < int(before.removeprefix("act_") or 0))
+        query = query.where(col(Outbox.id) < int(before.removeprefix("act_")))
     rows = session.exec(query.order_by(col(Outbox.id).desc()).limit(limit)).all()
     return [DeliveryOut(**_delivery(o)) for o in rows]
 
