@@ -62,6 +62,7 @@ class Workers:
             limit=self.settings.outbox_batch,
             lease=timedelta(seconds=self.settings.outbox_lease_seconds),
             metrics=self.metrics,
+            allow_private=self.settings.private_action_urls_allowed,
         )
         self.totals.deliveries += n
         return n

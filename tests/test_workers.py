@@ -362,3 +362,26 @@ def test_deliveries_page_newest_first_and_refuse_bad_cursors(setup, engine, cloc
     assert len(rest) == 1 and rest[0]["status"] == "pending"
     r = client.get("/v1/deliveries?before=abc", headers=h)
     assert r.status_code == 422 and r.json()["errors"][0]["path"] == "query:before"
+
+
+def test_private_addresses_are_refused_again_at_send_time(engine, clock, receiver):
+    """An endpoint set while allowed (or a name that now resolves inside the network) is
+    not called when private addresses are refused: the attempt fails and is retried."""
+    from app.main import create_app
+    from tests.conftest import settings_for
+
+    app = app_for(engine, clock)
+    client = Client(app)
+    _, h = new_tenant(engine)
+    client.put("/v1/funnels/welcome", json=welcome(), headers=h)
+    _connect(client, h, receiver)
+    Source(client, h, clock).send(event("member.joined", "wx-1"))
+    url = engine.url.render_as_string(hide_password=False)
+    strict = create_app(
+        settings_for(url).model_copy(update={"allow_private_action_urls": False}),
+        engine=engine,
+        clock=clock,
+    )
+    assert deliver(strict) == 1 and receiver.calls == []
+    row = client.get("/v1/deliveries", headers=h).json()[0]
+    assert row["status"] == "pending" and "non-public address" in row["last_error"]

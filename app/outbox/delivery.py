@@ -184,11 +184,18 @@ def body_of(c: Claimed) -> bytes:
     )
 
 
-async def send(client: httpx.AsyncClient, c: Claimed, now: datetime) -> Result:
+async def send(
+    client: httpx.AsyncClient, c: Claimed, now: datetime, *, allow_private: bool = True
+) -> Result:
     body = body_of(c)
     headers = signed_headers(c.secrets, delivery_id(c.id), now, body)
     started = time.perf_counter()
     status = error = retry_after = None
+    if not allow_private:
+        # Checked again at send time: the name may resolve elsewhere than when it was set.
+        why = await asyncio.to_thread(private_address, c.url)
+        if why:
+            return Result(c, now, 0, None, f"refused: {why}", None)
     try:
         response = await client.post(c.url, content=body, headers=headers)
         status, retry_after = response.status_code, response.headers.get("retry-after")
@@ -246,12 +253,15 @@ async def deliver_due(
     limit: int = 50,
     lease: timedelta = timedelta(minutes=2),
     metrics: Metrics | None = None,
+    allow_private: bool = True,
 ) -> int:
     """One round: claim, send concurrently, record. Returns how many were attempted."""
     claimed = await asyncio.to_thread(claim, engine, now, limit, lease)
     if not claimed:
         return 0
-    results = await asyncio.gather(*(send(client, c, now) for c in claimed))
+    results = await asyncio.gather(
+        *(send(client, c, now, allow_private=allow_private) for c in claimed)
+    )
     await asyncio.to_thread(record, engine, list(results), now, metrics)
     return len(claimed)
 
