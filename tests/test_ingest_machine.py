@@ -17,6 +17,7 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -26,14 +27,14 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from app.clock import FrozenClock
 from app.db import make_engine
 from app.events.models import EventLog
 from app.funnels.models import StageHistory
 from app.outbox.models import Outbox
-from tests.conftest import T0, Client, Source, app_for, event, new_tenant
+from tests.conftest import T0, Client, Source, _truncate, app_for, event, new_tenant
 from tests.factories import welcome
 from tests.test_workers import Receiver, deliver
 
@@ -52,9 +53,7 @@ class IngestMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        path = self.workdir / f"{uuid.uuid4().hex}.db"
-        shutil.copy(self.template, path)
-        self.engine = make_engine(f"sqlite:///{path}")
+        self.engine = self.fresh_engine()
         self.clock = FrozenClock(T0)
         self._start()
         _, self.headers = new_tenant(self.engine)
@@ -69,6 +68,11 @@ class IngestMachine(RuleBasedStateMachine):
         self.receiver.script = []
         self.sent: dict[str, tuple[bytes, dict]] = {}  # webhook id -> (body, first response)
         self.actions: set[str] = set()  # every action id reported
+
+    def fresh_engine(self) -> Engine:
+        path = self.workdir / f"{uuid.uuid4().hex}.db"
+        shutil.copy(self.template, path)
+        return make_engine(f"sqlite:///{path}")
 
     def _start(self) -> None:
         self.app = app_for(self.engine, self.clock)
@@ -187,8 +191,37 @@ class DrainingMachine(IngestMachine):
             super().teardown()
 
 
+class PostgresMachine(DrainingMachine):
+    """The same machine on PostgreSQL: one database, emptied before each example."""
+
+    pg_engine: Engine
+
+    def fresh_engine(self) -> Engine:
+        _truncate(self.pg_engine)
+        return self.pg_engine
+
+    def teardown(self) -> None:
+        self.drain()  # the shared engine stays open
+
+
 def test_ingestion_timers_and_delivery_keep_their_invariants(sqlite_template, tmp_path):
     with Receiver() as receiver:
         DrainingMachine.template, DrainingMachine.workdir = sqlite_template, tmp_path
         DrainingMachine.receiver = receiver
         run_state_machine_as_test(DrainingMachine, settings=settings(stateful_step_count=25))
+
+
+@pytest.mark.postgres
+def test_the_same_invariants_hold_on_postgresql(postgres_url):
+    engine = make_engine(postgres_url, pool_size=5)
+    try:
+        with Receiver() as receiver:
+            PostgresMachine.pg_engine, PostgresMachine.receiver = engine, receiver
+            # Fewer examples than on SQLite (5 quick, 25 in CI): each one empties the database.
+            budget = settings(
+                max_examples=max(5, settings.default.max_examples // 8), stateful_step_count=25
+            )
+            run_state_machine_as_test(PostgresMachine, settings=budget)
+    finally:
+        _truncate(engine)
+        engine.dispose()
