@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
+    # Member login: WeChat's API host (tests point it at a local fake), and the development
+    # provider that logs in any openid without WeChat (None: on only in development).
+    wechat_api_base: str = "https://api.weixin.qq.com"
+    dev_login: bool | None = None
+
     # Inbound webhooks (Standard Webhooks): accepted clock skew, both ways.
     webhook_tolerance_seconds: int = Field(default=300, ge=1)
     # Idempotency keys (webhook-id, Idempotency-Key) are answered from the log this long.
@@ -65,6 +70,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:
+        if self.env == "production" and self.dev_login:
+            raise ValueError("FLYWHEEL_DEV_LOGIN would let anyone log in as anyone in production")
         if self.env == "production" and self.secret_key == DEV_SECRET:
             raise ValueError("FLYWHEEL_SECRET_KEY must be set in production")
         if self.env == "production" and len(self.secret_key) < 32:
@@ -78,6 +85,10 @@ class Settings(BaseSettings):
     @property
     def writers(self) -> int:
         return self.dispatch_writers or (1 if self.is_sqlite else 2)
+
+    @property
+    def dev_login_enabled(self) -> bool:
+        return self.env == "development" if self.dev_login is None else self.dev_login
 
     @property
     def private_action_urls_allowed(self) -> bool:

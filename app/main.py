@@ -15,9 +15,9 @@ from sqlalchemy import Engine
 
 from app import problems
 from app.api import webhooks
-from app.api.admin import deliveries, funnels, keys, members, webhook_sources
+from app.api.admin import deliveries, funnels, keys, members, webhook_sources, wechat
 from app.api.health import router as health_router
-from app.api.member import me
+from app.api.member import me, session
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.db import make_engine
@@ -86,8 +86,10 @@ def create_app(
         members.router,
         webhook_sources.router,
         deliveries.router,
+        wechat.router,
         webhooks.router,
         me.router,
+        session.router,
     ):
         app.include_router(router)
 

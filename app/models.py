@@ -3,6 +3,7 @@
 from app.db import metadata
 from app.events.models import EventLog, WebhookSource
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
+from app.identity.models import WeChatApp
 from app.members.models import Member
 from app.outbox.models import ActionEndpoint, DeliveryAttempt, Outbox
 from app.tenancy.models import ApiKey, Tenant
@@ -21,6 +22,7 @@ __all__ = [
     "StageHistory",
     "Tenant",
     "Timer",
+    "WeChatApp",
     "WebhookSource",
     "metadata",
 ]

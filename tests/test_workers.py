@@ -9,14 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import uvicorn
 from sqlalchemy import func, select
 from standardwebhooks.webhooks import Webhook
 
@@ -30,6 +27,7 @@ from app.outbox.models import Outbox
 from app.timers.models import Timer
 from tests.conftest import Client, Source, app_for, event, new_tenant
 from tests.factories import welcome
+from tests.servers import LocalServer, read_body
 
 
 def count(engine, model, *where) -> int:
@@ -112,12 +110,7 @@ class Receiver:
         async def app(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] != "http":
                 return
-            body = b""
-            while True:
-                message = await receive()
-                body += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
+            body = await read_body(receive)
             headers = {k.decode(): v.decode() for k, v in scope["headers"]}
             status = self.script.pop(0) if self.script else 200
             self.calls.append(
@@ -131,9 +124,7 @@ class Receiver:
             await send({"type": "http.response.start", "status": status, "headers": []})
             await send({"type": "http.response.body", "body": b""})
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = LocalServer(app)
 
     def verify(self, headers: dict[str, str], body: bytes) -> bool:
         """Standard Webhooks verification with the secrets this receiver holds (the
@@ -148,20 +139,14 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/actions"
+        return f"{self.server.base_url}/actions"
 
     def __enter__(self) -> Receiver:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "receiver did not start"
-            time.sleep(0.01)
+        self.server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
+        self.server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Member login for mini-programs: identity providers exchange a login code for an openid."""
