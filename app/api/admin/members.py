@@ -135,7 +135,7 @@ def issue_token(
     member_id: int, tenant: TenantDep, session: SessionDep, settings: SettingsDep, now: NowDep
 ) -> MemberToken:
     """A short-lived member token for a mini-program, for integrations that run their own login.
-    (The WeChat code exchange, `POST /v1/member/session`, comes with the group-buy mechanic.)"""
+    Mini-programs on WeChat log in with `POST /v1/member/session` instead."""
     assert tenant.id is not None
     member = service.get_member(session, tenant.id, member_id)
     assert member.id is not None
