@@ -166,11 +166,18 @@ class IngestMachine(RuleBasedStateMachine):
 
     def drain(self) -> None:
         """The receiver recovers and time runs on: nothing may stay undelivered."""
-        for _ in range(12):
+        for _ in range(12):  # the backoff schedule ends within 28 hours
             self.clock.advance(timedelta(hours=12))
             self.fire_timers()
             while deliver(self.app):
                 pass
+            waiting = self._scalar(
+                select(func.count())
+                .select_from(Outbox)
+                .where(Outbox.status.in_(["pending", "delivering"]))  # type: ignore[attr-defined]
+            ).scalar_one()
+            if not waiting:
+                break
         statuses = dict(
             self._scalar(select(Outbox.status, func.count()).group_by(Outbox.status)).all()
         )
