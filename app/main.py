@@ -16,7 +16,9 @@ from sqlalchemy import Engine
 from app import problems
 from app.api import webhooks
 from app.api.admin import deliveries, funnels, keys, members, webhook_sources, wechat
+from app.api.admin import groupbuy as admin_groupbuy
 from app.api.health import router as health_router
+from app.api.member import groupbuy as member_groupbuy
 from app.api.member import me, session
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
@@ -90,6 +92,8 @@ def create_app(
         webhooks.router,
         me.router,
         session.router,
+        member_groupbuy.router,
+        admin_groupbuy.router,
     ):
         app.include_router(router)
 

@@ -4,6 +4,8 @@ from app.db import metadata
 from app.events.models import EventLog, WebhookSource
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
 from app.identity.models import WeChatApp
+from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
+from app.mechanics.vouchers.models import Voucher
 from app.members.models import Member
 from app.outbox.models import ActionEndpoint, DeliveryAttempt, Outbox
 from app.tenancy.models import ApiKey, Tenant
@@ -12,6 +14,7 @@ from app.timers.models import Timer
 __all__ = [
     "ActionEndpoint",
     "ApiKey",
+    "CampaignCounter",
     "DeliveryAttempt",
     "EventLog",
     "Funnel",
@@ -19,9 +22,12 @@ __all__ = [
     "FunnelVersion",
     "Member",
     "Outbox",
+    "Seat",
     "StageHistory",
+    "Team",
     "Tenant",
     "Timer",
+    "Voucher",
     "WeChatApp",
     "WebhookSource",
     "metadata",

@@ -66,6 +66,21 @@ class Metrics:
             registry=r,
         )
 
+        self.sweep_lateness = Histogram(
+            "flywheel_mechanic_timer_lateness_seconds",
+            "How long after its due time a mechanic timer ran (team deadline, payment hold, "
+            "voucher expiry)",
+            ["kind"],
+            buckets=LATE_BUCKETS,
+            registry=r,
+        )
+        self.sweep_errors = Counter(
+            "flywheel_mechanic_timer_errors_total",
+            "Mechanic timers that failed and stay due",
+            ["kind"],
+            registry=r,
+        )
+
     def refused(self, reason: str) -> None:
         self.events.labels("refused", reason).inc()
 

@@ -20,6 +20,7 @@ from app.config import Settings
 from app.db import read_connection
 from app.events.dispatch import Reply
 from app.events.models import EventLog
+from app.mechanics.sweeps import SWEEPS, sweep_due
 from app.observability import Metrics, gauge
 from app.outbox import delivery
 from app.outbox.service import DEAD, DELIVERED, DELIVERING, PENDING, outbox_t
@@ -48,7 +49,10 @@ class Workers:
 
     # ── one round of each ─────────────────────────────────────────────────────────────────
     def fire_timers(self) -> list[Reply]:
-        replies = fire_due(self.engine, self.clock.now(), self.settings.timer_batch, self.metrics)
+        """Funnel timers, then mechanic timers (team deadlines, payment holds, expiries)."""
+        now = self.clock.now()
+        replies = fire_due(self.engine, now, self.settings.timer_batch, self.metrics)
+        replies += sweep_due(self.engine, now, self.settings.timer_batch, self.metrics)
         self.totals.timers_fired += len(replies)
         if any(r.actions for r in replies):
             self.notify()
@@ -186,6 +190,7 @@ class Workers:
                 due, oldest = conn.execute(
                     select(func.count(), func.min(timer_t.c.due_at)).where(timer_t.c.due_at <= now)
                 ).one()
+                mechanic = {s.kind: s.backlog(conn, now) for s in SWEEPS}
             backlog: dict[tuple[str, ...], float] = {
                 (s,): float(by_status.get(s, 0)) for s in (PENDING, DELIVERING, DEAD)
             }
@@ -195,6 +200,21 @@ class Workers:
                 gauge("flywheel_timers_due", "Timers due and not yet fired", [], {(): due}),
                 gauge(
                     "flywheel_timers_late_seconds", "Age of the oldest due timer", [], {(): late}
+                ),
+                gauge(
+                    "flywheel_mechanic_timers_due",
+                    "Mechanic timers due and not yet run, by kind",
+                    ["kind"],
+                    {(k,): float(n) for k, (n, _) in mechanic.items()},
+                ),
+                gauge(
+                    "flywheel_mechanic_timers_late_seconds",
+                    "Age of the oldest due mechanic timer, by kind (the deadline lag)",
+                    ["kind"],
+                    {
+                        (k,): (now - first).total_seconds() if first else 0.0
+                        for k, (_, first) in mechanic.items()
+                    },
                 ),
             ]
 

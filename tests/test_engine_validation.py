@@ -107,7 +107,9 @@ def test_guard_comprehension_variables_are_allowed():
 
 def test_unknown_mechanic_reference():
     doc = office_lunch()
-    doc["transitions"][4]["actions"][0]["mechanic"] = "groupbuy.lunch-teem"
+    doc["transitions"][4]["actions"] = [
+        {"type": "call_mechanic", "mechanic": "groupbuy.lunch-teem", "operation": "remind"}
+    ]
     assert problems(doc)["transitions[4].actions[0].mechanic"] == (
         'no mechanic named "groupbuy.lunch-teem"; did you mean "groupbuy.lunch-team"?'
     )

@@ -12,6 +12,7 @@ from sqlmodel import Session
 
 from app.clock import Clock
 from app.config import Settings
+from app.db import read_connection
 from app.errors import FieldProblem, Unauthorized
 from app.members.models import Member
 from app.security import MemberClaims, read_member_token
@@ -68,7 +69,7 @@ def _bearer(request: Request) -> tuple[str, str] | None:
     return ("X-API-Key", key.strip()) if key else None
 
 
-def current_tenant(request: Request, session: SessionDep) -> Tenant:
+def _authenticated(request: Request, session: Session) -> Tenant:
     presented = _bearer(request)
     if presented is None:
         raise Unauthorized(
@@ -85,7 +86,22 @@ def current_tenant(request: Request, session: SessionDep) -> Tenant:
     return tenant
 
 
+def current_tenant(request: Request, session: SessionDep) -> Tenant:
+    return _authenticated(request, session)
+
+
+def current_tenant_id(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> int:
+    """The tenant, for routes that write through the dispatcher: the key is checked on a
+    read-only connection that is closed before the route runs, so no transaction of the
+    request's own waits on (or blocks, on SQLite) the write path."""
+    with read_connection(engine) as conn, Session(bind=conn) as session:
+        tenant = _authenticated(request, session)
+    assert tenant.id is not None
+    return tenant.id
+
+
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+TenantIdDep = Annotated[int, Depends(current_tenant_id)]
 
 
 def _invalid_member_token() -> Unauthorized:

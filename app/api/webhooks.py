@@ -15,8 +15,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from app import observability as log_context
 from app.api.deps import MemberClaimsDep
+from app.api.submit import submit
 from app.errors import DomainError, FieldProblem, NotFound
-from app.events.dispatch import Dispatcher, Inbound, Reply
+from app.events.dispatch import Inbound
 from app.events.ingest import InvalidEvent, loads, parse_event, verify_signature
 from app.events.schemas import INBOUND_SCHEMA_NAMES, MEMBER_REPORTABLE, EventAccepted
 from app.observability import Metrics
@@ -38,29 +39,6 @@ INBOUND_BODY: dict[str, Any] = {
         },
     }
 }
-
-
-def _respond(reply: Reply) -> Response:
-    if reply.error is not None:
-        raise reply.error
-    headers = {"Idempotent-Replayed": "true"} if reply.replayed else None
-    return Response(
-        reply.content(),
-        status_code=reply.status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-async def _dispatch(request: Request, item: Inbound) -> Response:
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    metrics: Metrics = request.app.state.metrics
-    reply = await dispatcher.submit(item)
-    if reply.error is not None:
-        metrics.refused(reply.error.code)
-    else:
-        metrics.events.labels("replayed" if reply.replayed else "accepted", "").inc()
-    return _respond(reply)
 
 
 @router.post(
@@ -108,7 +86,7 @@ async def receive_webhook(source_id: str, request: Request) -> Response:
         occurred_at=event.occurred_at,
         member=event.member,
     )
-    return await _dispatch(request, item)
+    return await submit(request, item)
 
 
 @router.post(
@@ -151,7 +129,7 @@ async def member_event(
         occurred_at=event.occurred_at,
         member_id=member.member_id,
     )
-    return await _dispatch(request, item)
+    return await submit(request, item)
 
 
 def _loads_object(body: bytes) -> dict[str, Any]:

@@ -319,6 +319,11 @@ class GroupBuy(Strict):
     team_ttl: Duration = "PT24H"
     join_mode: Literal["free", "pay"] = "free"
     payment_window: Duration = "PT15M"
+    on_late_payment: Literal["refund", "new_team"] = Field(
+        "refund",
+        description="a payment for a seat that is gone (released, team full or closed): "
+        "refund it, or open a new team with the payer as leader",
+    )
     max_teams_led_per_member: Annotated[int, Field(ge=1)] | None = None
     max_teams_joined_per_member: Annotated[int, Field(ge=1)] | None = None
     stock_teams: Annotated[int, Field(ge=1)] | None = None

@@ -24,7 +24,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -36,11 +36,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from app.clock import Clock
 from app.engine import MemberState, step
 from app.engine.catalogue import BUILTIN_EVENTS
-from app.engine.state import Event
+from app.engine.schedule import parse_duration
+from app.engine.state import Event, PlannedAction
 from app.errors import Conflict, DomainError, NotFound
 from app.events.ingest import unknown_type
 from app.events.models import EventLog
 from app.funnels import store
+from app.mechanics.commands import Context, Effects, Emit, Handler
+from app.mechanics.registry import command_for
+from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
 from app.observability import Metrics
 from app.outbox.service import delivery_id, enqueue
@@ -52,7 +56,9 @@ event_t: Table = EventLog.__table__  # type: ignore[attr-defined]
 member_t: Table = Member.__table__  # type: ignore[attr-defined]
 timer_t: Table = Timer.__table__  # type: ignore[attr-defined]
 TIMER_SOURCE = "timer"
+EMITTED_SOURCE = "flywheel"  # events Flywheel emits itself (groupbuy.succeeded, voucher.issued)
 DEADLOCK_RETRIES = 3
+MAX_CASCADE = 4  # an emitted event's funnels may emit more (a voucher issued), this deep
 
 
 @dataclass(frozen=True)
@@ -163,8 +169,11 @@ def apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache)
     else:
         event_id = conn.execute(_INSERT_EVENT, row).scalar_one()
 
+    handler = command_for(item.type, item.data) if item.timer_id is None else None
     if item.timer_id is not None:
-        body, n_actions = _fire_timer(conn, item, event_id, now)
+        body, n_actions = _fire_timer(conn, item, event_id, now, cache)
+    elif handler is not None:
+        body, n_actions = _run_command(conn, item, handler, event_id, now, cache)
     else:
         body, n_actions = _step_funnels(conn, item, event_id, now, cache)
     raw = orjson.dumps(body)
@@ -172,7 +181,7 @@ def apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache)
         _RESPOND,
         {
             "b_id": event_id,
-            "b_member": body["member"]["id"],
+            "b_member": body["member"]["id"] if body["member"] else None,
             "b_status": 200,
             "b_response": raw.decode(),
         },
@@ -234,20 +243,22 @@ def _profile(m: Any) -> dict[str, Any]:
     }
 
 
+def _resolve_member(conn: Connection, item: Inbound, now: datetime) -> Any:
+    """The event's member, locked: by the integration's reference (created on first sight)
+    or by Flywheel's id."""
+    if item.member is not None:
+        return _member(conn, item.tenant_id, item.member, now)
+    m = conn.execute(_MEMBER_BY_ID, {"b_id": item.member_id, "b_tenant": item.tenant_id}).first()
+    if m is None:
+        raise NotFound(f"no member {item.member_id}")
+    return m
+
+
 def _step_funnels(
     conn: Connection, item: Inbound, event_id: int, now: datetime, cache: BatchCache
 ) -> tuple[dict[str, Any], int]:
-    if item.member is not None:
-        m = _member(conn, item.tenant_id, item.member, now)
-    else:
-        m = conn.execute(
-            _MEMBER_BY_ID, {"b_id": item.member_id, "b_tenant": item.tenant_id}
-        ).first()
-        if m is None:
-            raise NotFound(f"no member {item.member_id}")
-    profile = _profile(m)
+    m = _resolve_member(conn, item, now)
     versions = cache.open_versions(conn, item.tenant_id)
-    instances = store.member_instances(conn, m.id)
     if item.type not in BUILTIN_EVENTS:
         custom = {
             name
@@ -256,31 +267,180 @@ def _step_funnels(
         }
         if item.type not in custom:
             raise unknown_type(item.type, custom)
+    outcomes, n_actions, emits = _step_member(
+        conn, item.tenant_id, m, item.type, item.data, event_id, now, cache
+    )
+    more, n_more = _emit_all(conn, item.tenant_id, emits, m.id, now, cache)
+    return _body(event_id, item, m, outcomes + more), n_actions + n_more
 
+
+def _step_member(
+    conn: Connection,
+    tenant_id: int,
+    m: Any,
+    event_type: str,
+    data: dict[str, Any],
+    event_id: int,
+    now: datetime,
+    cache: BatchCache,
+) -> tuple[list[dict[str, Any]], int, list[Emit]]:
+    """Step every funnel the member (locked) is in, or enters, with one event."""
+    profile = _profile(m)
+    versions = cache.open_versions(conn, tenant_id)
+    instances = store.member_instances(conn, m.id)
     candidates: dict[int, store.VersionRef] = {v.funnel_id: v for v in versions}
     for current in instances.values():
         if current.status == "active":
             candidates[current.funnel_id] = current.ref  # members finish the version they began
-    event = Event(type=item.type, data=item.data, id=str(event_id))
-    outcomes, n_actions = [], 0
+    event = Event(type=event_type, data=data, id=str(event_id))
+    outcomes, n_actions, emits = [], 0, []
     for funnel_id, ref in candidates.items():
         inst = instances.get(funnel_id)
         active = inst is not None and inst.status == "active"
         funnel = store.compiled_version(conn, ref)
-        if not active and item.type not in funnel.definition.entry.events:
+        if not active and event_type not in funnel.definition.entry.events:
             continue
         state = MemberState.from_json(inst.data, profile) if inst else MemberState(profile=profile)
         outcome = step(funnel, state, event, now)
-        result, n = _persist(conn, item, m, ref, inst, outcome, state, event_id, now)
+        result, n, new = _persist(
+            conn, tenant_id, event_type, m, ref, inst, outcome, state, event_id, now
+        )
         n_actions += n
+        emits.extend(new)
         if outcome.matched or active:
             outcomes.append(result)
-    return _body(event_id, item, m, outcomes), n_actions
+    return outcomes, n_actions, emits
+
+
+_LOG_EMITTED = insert(event_t).returning(event_t.c.id)
+
+
+def _emit_all(
+    conn: Connection,
+    tenant_id: int,
+    emits: Sequence[Emit],
+    actor_id: int | None,
+    now: datetime,
+    cache: BatchCache,
+) -> tuple[list[dict[str, Any]], int]:
+    """Log each emitted event and step its member's funnels with it; what those steps emit
+    in turn (a voucher issued) follows, at most MAX_CASCADE deep. Returns the actor's
+    funnel outcomes and the number of actions queued."""
+    queue = deque((e, 1) for e in emits)
+    locked: dict[int, Any] = {}
+    for member_id in sorted({e.member_id for e in emits}):  # one lock order: fewer deadlocks
+        locked[member_id] = _lock_member(conn, tenant_id, member_id)
+    outcomes: list[dict[str, Any]] = []
+    n_actions = 0
+    while queue:
+        emit, depth = queue.popleft()
+        if depth > MAX_CASCADE:
+            raise WritePathError(
+                f"events emitted more than {MAX_CASCADE} levels deep ({emit.type}); "
+                "a funnel's actions and the events they cause form a loop"
+            )
+        m = locked.get(emit.member_id)
+        if m is None:
+            m = locked[emit.member_id] = _lock_member(conn, tenant_id, emit.member_id)
+        event_id = conn.execute(
+            _LOG_EMITTED,
+            {
+                "tenant_id": tenant_id,
+                "source": EMITTED_SOURCE,
+                "type": emit.type,
+                "member_id": emit.member_id,
+                "occurred_at": now,
+                "received_at": now,
+                "data": emit.data,
+                "status_code": 200,
+            },
+        ).scalar_one()
+        results, n, more = _step_member(
+            conn, tenant_id, m, emit.type, emit.data, event_id, now, cache
+        )
+        n_actions += n
+        queue.extend((e, depth + 1) for e in more)
+        if emit.member_id == actor_id:
+            outcomes.extend(results)
+    return outcomes, n_actions
+
+
+def _lock_member(conn: Connection, tenant_id: int, member_id: int) -> Any:
+    return conn.execute(_MEMBER_BY_ID, {"b_id": member_id, "b_tenant": tenant_id}).one()
+
+
+def _run_command(
+    conn: Connection,
+    item: Inbound,
+    handler: Handler,
+    event_id: int,
+    now: datetime,
+    cache: BatchCache,
+) -> tuple[dict[str, Any], int]:
+    """A mechanic's operation (join a team, redeem a voucher…): the handler decides and
+    writes; the events it emits move each member's funnels; its actions join the outbox."""
+    actor: list[Any] = []
+
+    def member() -> Any:
+        if not actor:
+            actor.append(_resolve_member(conn, item, now))
+        return actor[0]
+
+    ctx = Context(
+        conn=conn,
+        tenant_id=item.tenant_id,
+        event_id=event_id,
+        now=now,
+        source=item.source,
+        data=item.data,
+        member=member,
+        versions=lambda: cache.open_versions(conn, item.tenant_id),
+    )
+    effects = handler(ctx)
+    outcomes, n_actions = _emit_all(
+        conn, item.tenant_id, effects.emits, effects.member_id, now, cache
+    )
+    n_actions += _direct_actions(conn, item, effects, event_id, now)
+    m = actor[0] if actor else None
+    if m is None and effects.member_id is not None:
+        m = conn.execute(select(member_t).where(member_t.c.id == effects.member_id)).one()
+    body = _body(event_id, item, m, outcomes)
+    body["result"] = effects.result
+    body["emitted"] = [{"type": e.type, "member_id": e.member_id} for e in effects.emits]
+    return body, n_actions
+
+
+def _direct_actions(
+    conn: Connection, item: Inbound, effects: Effects, event_id: int, now: datetime
+) -> int:
+    n = 0
+    for a in effects.actions:
+        external_id = conn.execute(
+            select(member_t.c.external_id).where(member_t.c.id == a.member_id)
+        ).scalar_one()
+        planned = PlannedAction(a.type, a.params, a.source, "send", now)
+        n += len(
+            enqueue(
+                conn,
+                tenant_id=item.tenant_id,
+                member_id=a.member_id,
+                member_external_id=external_id,
+                funnel_id=None,
+                funnel_key=None,
+                version=None,
+                event_id=event_id,
+                event_type=item.type,
+                actions=[planned],
+                now=now,
+            )
+        )
+    return n
 
 
 def _persist(
     conn: Connection,
-    item: Inbound,
+    tenant_id: int,
+    event_type: str,
     m: Any,
     ref: store.VersionRef,
     inst: store.InstanceRow | None,
@@ -288,72 +448,120 @@ def _persist(
     before: MemberState,
     event_id: int,
     now: datetime,
-) -> tuple[dict[str, Any], int]:
+) -> tuple[dict[str, Any], int, list[Emit]]:
     ids: list[int] = []
+    actions: list[PlannedAction] = list(outcome.actions)
+    emits: list[Emit] = []
     if outcome.matched:
         store.save_outcome(
             conn,
-            tenant_id=item.tenant_id,
+            tenant_id=tenant_id,
             funnel_id=ref.funnel_id,
             member_id=m.id,
             instance=inst,
             version=ref.version,
             outcome=outcome,
-            event_type=item.type,
+            event_type=event_type,
             event_ref=str(event_id),
             now=now,
         )
+        actions, emits = _issue_vouchers(conn, tenant_id, m.id, ref, actions, event_id, now)
         ids = enqueue(
             conn,
-            tenant_id=item.tenant_id,
+            tenant_id=tenant_id,
             member_id=m.id,
             member_external_id=m.external_id,
             funnel_id=ref.funnel_id,
             funnel_key=ref.key,
             version=ref.version,
             event_id=event_id,
-            event_type=item.type,
-            actions=outcome.actions,
+            event_type=event_type,
+            actions=actions,
             now=now,
         )
     new = outcome.state
-    return {
-        "funnel": ref.key,
-        "version": ref.version,
-        "matched": outcome.matched,
-        "reason": outcome.reason,
-        "from_state": before.state,
-        "state": new.state,
-        "stage": new.stage,
-        "status": new.status,
-        "actions": [
-            {
-                "id": delivery_id(i),
-                "type": a.type,
-                "params": dict(a.params),
-                "disposition": a.disposition,
-                "deliver_at": a.deliver_at.isoformat(),
-                "source": a.source,
-            }
-            for i, a in zip(ids, outcome.actions, strict=True)
-        ],
-        "timers": [{"key": t.key, "due_at": t.due_at.isoformat()} for t in outcome.timers_armed],
-        "guard_errors": list(outcome.guard_errors),
-    }, len(ids)
+    return (
+        {
+            "funnel": ref.key,
+            "version": ref.version,
+            "matched": outcome.matched,
+            "reason": outcome.reason,
+            "from_state": before.state,
+            "state": new.state,
+            "stage": new.stage,
+            "status": new.status,
+            "actions": [
+                {
+                    "id": delivery_id(i),
+                    "type": a.type,
+                    "params": dict(a.params),
+                    "disposition": a.disposition,
+                    "deliver_at": a.deliver_at.isoformat(),
+                    "source": a.source,
+                }
+                for i, a in zip(ids, actions, strict=True)
+            ],
+            "timers": [
+                {"key": t.key, "due_at": t.due_at.isoformat()} for t in outcome.timers_armed
+            ],
+            "guard_errors": list(outcome.guard_errors),
+        },
+        len(ids),
+        emits,
+    )
 
 
-def _body(event_id: int, item: Inbound, m: Any, funnels: list[dict[str, Any]]) -> dict[str, Any]:
+def _issue_vouchers(
+    conn: Connection,
+    tenant_id: int,
+    member_id: int,
+    ref: store.VersionRef,
+    actions: list[PlannedAction],
+    event_id: int,
+    now: datetime,
+) -> tuple[list[PlannedAction], list[Emit]]:
+    """A funnel's `issue_voucher` action makes a real voucher (its code goes into the
+    action, so the message the merchant sends carries it) and emits `voucher.issued`."""
+    out, emits = [], []
+    for i, a in enumerate(actions):
+        if a.type != "issue_voucher":
+            out.append(a)
+            continue
+        p = a.params
+        row, _ = vouchers.issue(
+            conn,
+            tenant_id=tenant_id,
+            member_id=member_id,
+            name=str(p["voucher"]),
+            value_fen=p.get("value_fen"),
+            discount_percent=p.get("discount_percent"),
+            valid_for=parse_duration(str(p.get("valid_for", "P7D"))),
+            origin=f"event:{event_id}:{ref.funnel_id}:{i}",
+            mechanic=p.get("mechanic") or f"funnel.{ref.key}",
+            funnel_id=ref.funnel_id,
+            now=now,
+        )
+        params = {**p, "code": row.code, "qr": vouchers.QR_PREFIX + row.code}
+        params["expires_at"] = row.expires_at.isoformat()
+        out.append(replace(a, params=params))
+        emits.append(Emit(member_id, "voucher.issued", vouchers.event_data(row)))
+    return out, emits
+
+
+def _body(
+    event_id: int, item: Inbound, m: Any | None, funnels: list[dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "event_id": event_id,
         "idempotency_key": item.key,
         "type": item.type,
-        "member": {"id": m.id, "external_id": m.external_id},
+        "member": {"id": m.id, "external_id": m.external_id} if m is not None else None,
         "funnels": funnels,
     }
 
 
 def _fire_timer(
-    conn: Connection, item: Inbound, event_id: int, now: datetime
+    conn: Connection, item: Inbound, event_id: int, now: datetime, cache: BatchCache
 ) -> tuple[dict[str, Any], int]:
     """A due timer: step its one instance with `timer.fired`, and delete the timer row in
     this same transaction (so it fires at most once)."""
@@ -366,8 +574,13 @@ def _fire_timer(
         funnel = store.compiled_version(conn, inst.ref)
         state = MemberState.from_json(inst.data, _profile(m))
         outcome = step(funnel, state, Event.timer_fired(item.timer_key, str(event_id)), now)
-        result, n_actions = _persist(conn, item, m, inst.ref, inst, outcome, state, event_id, now)
+        result, n_actions, emits = _persist(
+            conn, item.tenant_id, item.type, m, inst.ref, inst, outcome, state, event_id, now
+        )
         outcomes.append(result)
+        more, n_more = _emit_all(conn, item.tenant_id, emits, m.id, now, cache)
+        outcomes.extend(more)
+        n_actions += n_more
     return _body(event_id, item, m, outcomes), n_actions
 
 

@@ -25,7 +25,7 @@ from standardwebhooks.webhooks import Webhook
 from app.engine.catalogue import BUILTIN_EVENTS
 from app.engine.paths import pydantic_loc_to_path, suggest
 from app.errors import DomainError, FieldProblem, Unauthorized
-from app.events.schemas import INBOUND_DATA, INTERNAL_EVENTS, InboundEvent
+from app.events.schemas import INBOUND_COMMANDS, INBOUND_DATA, INTERNAL_EVENTS, InboundEvent
 
 SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 MAX_ID_LENGTH = 200
@@ -146,7 +146,7 @@ def parse_event(body: bytes) -> ParsedEvent:
     except ValidationError as exc:
         raise InvalidEvent(_summary(exc), errors=_problems(exc)) from None
     data = envelope.data
-    schema = INBOUND_DATA.get(envelope.type)
+    schema = INBOUND_DATA.get(envelope.type) or INBOUND_COMMANDS.get(envelope.type)
     if schema is not None:
         try:
             data = schema.model_validate(data).model_dump(mode="json")
@@ -167,7 +167,7 @@ def parse_event(body: bytes) -> ParsedEvent:
 
 
 def unknown_type(event_type: str, custom: set[str]) -> InvalidEvent:
-    hint = suggest(event_type, set(INBOUND_DATA) | custom)
+    hint = suggest(event_type, set(INBOUND_DATA) | set(INBOUND_COMMANDS) | custom)
     return InvalidEvent(
         f'unknown event type "{event_type}"{hint or "."} Built-in types are listed in the '
         "API docs; others must be declared in a funnel's custom_events.",

@@ -127,6 +127,41 @@ INBOUND_DATA: dict[str, type[_Data]] = {
     "invite.accepted": InviteAcceptedData,
     "card.collected": CardCollectedData,
 }
+
+
+class Profile(BaseModel):
+    """How the member appears to their team (nickname, avatar URL), as the mini-program
+    supplies it; stored on the member."""
+
+    model_config = ConfigDict(extra="forbid")
+    nickname: str | None = Field(default=None, max_length=100)
+    avatar: str | None = Field(default=None, max_length=1000, description="avatar image URL")
+
+
+class GroupBuyOpenData(_Data):
+    funnel: str = Field(min_length=1, max_length=64, description="the funnel's key")
+    campaign: str = Field(min_length=1, max_length=64, description="mechanics.groupbuy name")
+    profile: Profile | None = None
+
+
+class GroupBuyTeamData(_Data):
+    team: str = Field(min_length=1, max_length=40, description="the team's id (share token)")
+    profile: Profile | None = None
+
+
+# Commands: operations on a mechanic, applied by its handler (which emits the events funnels
+# see). A merchant's backend may send them as webhooks; the member API sends the same ones.
+INBOUND_COMMANDS: dict[str, type[_Data]] = {
+    "groupbuy.open": GroupBuyOpenData,
+    "groupbuy.join": GroupBuyTeamData,
+    "groupbuy.leave": GroupBuyTeamData,
+}
+COMMAND_DOCS = {
+    "groupbuy.open": "open a group-buy team with the member as its leader",
+    "groupbuy.join": "the member joins a team (pay-to-join: holds a seat until paid)",
+    "groupbuy.leave": "the member leaves an open team",
+}
+
 # Built-in types Flywheel emits itself (group-buy, vouchers, points…): not accepted inbound.
 INTERNAL_EVENTS = frozenset(BUILTIN_EVENTS) - frozenset(INBOUND_DATA)
 # What a member may report about themselves through the member API (never payments).
@@ -160,13 +195,13 @@ def envelope_model(event_type: str, data: type[_Data]) -> type[BaseModel]:
     return create_model(
         name,
         __config__=ConfigDict(extra="forbid"),
-        __doc__=BUILTIN_EVENTS.get(event_type, ""),
+        __doc__=BUILTIN_EVENTS.get(event_type) or COMMAND_DOCS.get(event_type, ""),
         **fields,
     )
 
 
 INBOUND_MODELS: dict[str, type[BaseModel]] = {
-    t: envelope_model(t, data) for t, data in INBOUND_DATA.items()
+    t: envelope_model(t, data) for t, data in (INBOUND_DATA | INBOUND_COMMANDS).items()
 }
 
 

@@ -92,6 +92,18 @@ def open_versions(conn: Connection, tenant_id: int) -> list[VersionRef]:
     return [VersionRef(*row) for row in conn.execute(_OPEN_VERSIONS, {"b_tenant": tenant_id})]
 
 
+_VERSION_BY_ID = (
+    select(funnel_t.c.id, funnel_t.c.key, version_t.c.id, version_t.c.version, version_t.c.digest)
+    .join(version_t, version_t.c.funnel_id == funnel_t.c.id)
+    .where(version_t.c.id == bindparam("b_id"))
+)
+
+
+def version_ref(conn: Connection, version_id: int) -> VersionRef:
+    """The reference of one stored version (a team keeps the version it was opened under)."""
+    return VersionRef(*conn.execute(_VERSION_BY_ID, {"b_id": version_id}).one())
+
+
 def _instance_query() -> Any:
     return select(
         instance_t.c.id,

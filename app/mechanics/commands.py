@@ -1,0 +1,61 @@
+"""Commands: operations on mechanics that run inside the write path.
+
+An inbound item whose type is a command ("groupbuy.join", "voucher.redeem", …) is handed
+to its handler instead of the funnels. The handler locks what it changes (a team row first,
+then members: one order everywhere, so concurrent commands wait rather than deadlock),
+decides with the mechanic's pure rules, writes, and returns `Effects`: the result for the
+caller, the events it emits for each member concerned (the dispatcher logs each one and
+steps that member's funnels with it, in the same transaction) and actions for the outbox
+that no funnel asked for (a refund, a fulfilment).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from app.funnels import store
+
+
+@dataclass(frozen=True)
+class Emit:
+    member_id: int
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DirectAction:
+    member_id: int
+    type: str
+    params: dict[str, Any]
+    source: str  # the mechanic that asked: "groupbuy.lunch-team"
+
+
+@dataclass
+class Effects:
+    member_id: int | None  # the member the command was about, if any
+    result: dict[str, Any]
+    emits: list[Emit] = field(default_factory=list)
+    actions: list[DirectAction] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    conn: Connection
+    tenant_id: int
+    event_id: int
+    now: datetime
+    source: str
+    data: dict[str, Any]
+    # Find (or, for an integration's member reference, create) the command's member and
+    # lock its row; called after the handler has locked its team.
+    member: Callable[[], Any]
+    versions: Callable[[], list[store.VersionRef]]
+
+
+Handler = Callable[[Context], Effects]

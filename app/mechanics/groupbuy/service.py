@@ -1,0 +1,834 @@
+"""Group-buy commands, run inside the write path (see `app.mechanics.commands`).
+
+Every limit is a database invariant, never a read-then-decide:
+- a team's seats: the team row is locked (`FOR UPDATE`) and `seats_taken` only grows through
+  `UPDATE … WHERE seats_taken < capacity`;
+- one open team per member and campaign: the unique `(tenant, member, live_key)` on seats;
+- stock and the cap on open teams: a conditional UPDATE of the campaign's counter row;
+- per-member limits (teams led, joined): counted under the member's row lock, which every
+  command of that member takes.
+
+Pay to join: a seat is *held* for the payment window and counts against the team's size; an
+`order.paid` carrying the team confirms it. A hold that expires is released by the sweep.
+A payment that finds no seat (released, team full, failed or cancelled) is refunded, or
+opens a new team for the payer when the campaign says `on_late_payment: new_team`. Funnels
+of pay-to-join members move on `groupbuy.joined`/`groupbuy.succeeded`, not on the
+`order.paid` itself, and fulfilment is an action queued only when the team succeeds.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Table, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from app.engine.definition import GroupBuy
+from app.engine.paths import suggest
+from app.engine.schedule import parse_duration
+from app.errors import Conflict, FieldProblem, NotFound
+from app.events.models import EventLog
+from app.funnels import store
+from app.mechanics.commands import Context, DirectAction, Effects, Emit
+from app.mechanics.groupbuy import rules
+from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
+from app.mechanics.vouchers import service as vouchers
+from app.members.models import Member
+
+team_t: Table = Team.__table__  # type: ignore[attr-defined]
+seat_t: Table = Seat.__table__  # type: ignore[attr-defined]
+counter_t: Table = CampaignCounter.__table__  # type: ignore[attr-defined]
+member_t: Table = Member.__table__  # type: ignore[attr-defined]
+event_t: Table = EventLog.__table__  # type: ignore[attr-defined]
+
+OPEN, SUCCEEDED, FAILED, CANCELLED = "open", "succeeded", "failed", "cancelled"
+HELD, ACTIVE, LEFT, RELEASED = "held", "active", "left", "released"
+LEADER, MEMBER = "leader", "member"
+SHARE_PATH = "/pages/groupbuy/team?id="
+
+
+class Refused(Conflict):
+    """A group-buy operation that cannot happen; `code` is the reason (see `rules`)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = reason
+
+
+class InvalidReference(NotFound):
+    status, code, title = 422, "invalid_reference", "Unknown reference"
+
+
+# ── lookups ───────────────────────────────────────────────────────────────────────────────
+def campaign(ctx: Context, funnel_key: str, name: str) -> tuple[store.VersionRef, GroupBuy]:
+    """The campaign as the funnel's newest open version defines it."""
+    versions = {v.key: v for v in ctx.versions()}
+    ref = versions.get(funnel_key)
+    if ref is None:
+        raise NotFound(f'no open funnel "{funnel_key}"{suggest(funnel_key, set(versions))}')
+    cfg = store.compiled_version(ctx.conn, ref).definition.mechanics.groupbuy.get(name)
+    if cfg is None:
+        known = set(store.compiled_version(ctx.conn, ref).definition.mechanics.groupbuy)
+        raise NotFound(
+            f'funnel "{funnel_key}" has no group-buy campaign "{name}"{suggest(name, known)}'
+        )
+    return ref, cfg
+
+
+def team_config(conn: Connection, team: Any) -> tuple[store.VersionRef, GroupBuy]:
+    """The campaign as the version the team was opened under defines it."""
+    ref = store.version_ref(conn, team.version_id)
+    return ref, store.compiled_version(conn, ref).definition.mechanics.groupbuy[team.campaign]
+
+
+def _lock_team(ctx: Context, public_id: Any, path: str = "data.team") -> Any:
+    team = ctx.conn.execute(
+        select(team_t)
+        .where(team_t.c.public_id == str(public_id), team_t.c.tenant_id == ctx.tenant_id)
+        .with_for_update()
+    ).first()
+    if team is None:
+        raise InvalidReference(
+            f'no group-buy team "{public_id}"', errors=[FieldProblem(path, "unknown team")]
+        )
+    return team
+
+
+def _reload(conn: Connection, team_id: int) -> Any:
+    return conn.execute(select(team_t).where(team_t.c.id == team_id)).one()
+
+
+def _seat_of(conn: Connection, team_id: int, member_id: int) -> Any:
+    return conn.execute(
+        select(seat_t).where(seat_t.c.team_id == team_id, seat_t.c.member_id == member_id)
+    ).first()
+
+
+def _live_seat(conn: Connection, tenant_id: int, member_id: int, campaign_key: str) -> Any:
+    return conn.execute(
+        select(seat_t.c.id, team_t.c.public_id)
+        .join(team_t, team_t.c.id == seat_t.c.team_id)
+        .where(
+            seat_t.c.tenant_id == tenant_id,
+            seat_t.c.member_id == member_id,
+            seat_t.c.live_key == campaign_key,
+        )
+    ).first()
+
+
+def _member(ctx: Context) -> Any:
+    """The command's member, locked, with the profile the mini-program supplied (nickname,
+    avatar), which teammates see."""
+    m = ctx.member()
+    profile = ctx.data.get("profile") or {}
+    changes: dict[str, Any] = {}
+    if profile.get("nickname") and profile["nickname"] != m.nickname:
+        changes["nickname"] = profile["nickname"]
+    if profile.get("avatar") and profile["avatar"] != (m.attributes or {}).get("avatar"):
+        changes["attributes"] = {**(m.attributes or {}), "avatar": profile["avatar"]}
+    if not changes:
+        return m
+    ctx.conn.execute(update(member_t).where(member_t.c.id == m.id).values(**changes))
+    return ctx.conn.execute(select(member_t).where(member_t.c.id == m.id)).one()
+
+
+def _campaign_key(funnel_id: int, name: str) -> str:
+    return f"{funnel_id}:{name}"
+
+
+# ── limits ────────────────────────────────────────────────────────────────────────────────
+def _uses_counter(cfg: GroupBuy) -> bool:
+    return bool(cfg.stock_teams or cfg.stock_seats or cfg.max_open_teams)
+
+
+def _counter_insert(dialect: str) -> Any:
+    mod = postgresql if dialect == "postgresql" else sqlite
+    return mod.insert(counter_t).on_conflict_do_nothing(
+        index_elements=["tenant_id", "funnel_id", "campaign"]
+    )
+
+
+_COUNTER_INSERT = {d: _counter_insert(d) for d in ("postgresql", "sqlite")}
+
+
+def _take(
+    ctx: Context,
+    team: Any | None,
+    funnel_id: int,
+    name: str,
+    cfg: GroupBuy,
+    *,
+    teams: int = 0,
+    seats: int = 0,
+) -> None:
+    """Take (or, negative, give back) campaign stock with one conditional UPDATE."""
+    if not _uses_counter(cfg) or (teams == 0 and seats == 0):
+        return
+    key = {"tenant_id": ctx.tenant_id, "funnel_id": funnel_id, "campaign": name}
+    ctx.conn.execute(_COUNTER_INSERT[ctx.conn.dialect.name], key)
+    c = counter_t.c
+    where = [c.tenant_id == ctx.tenant_id, c.funnel_id == funnel_id, c.campaign == name]
+    if teams > 0 and cfg.stock_teams:
+        where.append(c.teams_used + teams <= cfg.stock_teams)
+    if teams > 0 and cfg.max_open_teams:
+        where.append(c.teams_open + teams <= cfg.max_open_teams)
+    if seats > 0 and cfg.stock_seats:
+        where.append(c.seats_used + seats <= cfg.stock_seats)
+    done = ctx.conn.execute(
+        update(counter_t)
+        .where(*where)
+        .values(
+            teams_used=c.teams_used + teams,
+            teams_open=c.teams_open + teams,
+            seats_used=c.seats_used + seats,
+        )
+    ).rowcount
+    if done:
+        return
+    row = ctx.conn.execute(select(counter_t).where(*where[:3])).one()
+    if teams > 0 and cfg.max_open_teams and row.teams_open + teams > cfg.max_open_teams:
+        raise Refused(
+            rules.TOO_MANY_OPEN,
+            f"{cfg.max_open_teams} teams are open at once already; join one of them instead",
+        )
+    raise Refused(rules.SOLD_OUT, f"the group-buy for {cfg.product} is sold out")
+
+
+def _closing_counters(ctx: Context, team: Any, cfg: GroupBuy, *, succeeded: bool) -> None:
+    """A closing team leaves the open count; a failed or cancelled one gives its stock back."""
+    if not _uses_counter(cfg):
+        return
+    c = counter_t.c
+    values: dict[str, Any] = {"teams_open": c.teams_open - 1}
+    if not succeeded:
+        values["teams_used"] = c.teams_used - 1
+        values["seats_used"] = c.seats_used - team.seats_taken
+    ctx.conn.execute(
+        update(counter_t)
+        .where(
+            c.tenant_id == ctx.tenant_id,
+            c.funnel_id == team.funnel_id,
+            c.campaign == team.campaign,
+        )
+        .values(**values)
+    )
+
+
+def _check_member_limits(
+    ctx: Context, member_id: int, funnel_id: int, name: str, cfg: GroupBuy, role: str
+) -> None:
+    key = _campaign_key(funnel_id, name)
+    live = _live_seat(ctx.conn, ctx.tenant_id, member_id, key)
+    if live is not None:
+        raise Refused(
+            rules.IN_ANOTHER_TEAM,
+            f"you are already in open team {live.public_id} of this campaign; one at a time",
+        )
+    limit = cfg.max_teams_led_per_member if role == LEADER else cfg.max_teams_joined_per_member
+    if limit is not None:
+        n = ctx.conn.execute(
+            select(func.count())
+            .select_from(seat_t.join(team_t, team_t.c.id == seat_t.c.team_id))
+            .where(
+                seat_t.c.tenant_id == ctx.tenant_id,
+                seat_t.c.member_id == member_id,
+                seat_t.c.campaign_key == key,
+                seat_t.c.role == role,
+                seat_t.c.status.in_([HELD, ACTIVE]),
+                team_t.c.status.in_([OPEN, SUCCEEDED]),
+            )
+        ).scalar_one()
+        if n >= limit:
+            what = "led" if role == LEADER else "joined"
+            raise Refused(
+                rules.LEAD_LIMIT if role == LEADER else rules.JOIN_LIMIT,
+                f"you have {what} {n} team(s) of this campaign, the most it allows",
+            )
+    if role == MEMBER and cfg.new_customers_only:
+        paid_before = ctx.conn.execute(
+            select(event_t.c.id)
+            .where(event_t.c.member_id == member_id, event_t.c.type == "order.paid")
+            .limit(1)
+        ).first()
+        if paid_before is not None:
+            raise Refused(
+                rules.NEW_CUSTOMERS_ONLY, "this team is for new customers (老带新团) only"
+            )
+
+
+# ── commands ──────────────────────────────────────────────────────────────────────────────
+def open_team(ctx: Context) -> Effects:
+    """A member opens a team as its leader (`groupbuy.open`)."""
+    funnel_key, name = str(ctx.data["funnel"]), str(ctx.data["campaign"])
+    m = _member(ctx)
+    ref, cfg = campaign(ctx, funnel_key, name)
+    return _open(ctx, m, ref, name, cfg, paid=None)
+
+
+def _open(
+    ctx: Context,
+    m: Any,
+    ref: store.VersionRef,
+    name: str,
+    cfg: GroupBuy,
+    paid: dict[str, Any] | None,
+) -> Effects:
+    refusal = rules.window_refusal(cfg, ctx.now)
+    if refusal is not None:
+        raise Refused(refusal, _window_detail(refusal, cfg))
+    _check_member_limits(ctx, m.id, ref.funnel_id, name, cfg, LEADER)
+    _take(ctx, None, ref.funnel_id, name, cfg, teams=1, seats=1)
+    deadline = rules.team_deadline(cfg, ctx.now)
+    pay = cfg.join_mode == "pay"
+    team_id = ctx.conn.execute(
+        team_t.insert()
+        .values(
+            public_id="tm_" + secrets.token_urlsafe(12),
+            tenant_id=ctx.tenant_id,
+            funnel_id=ref.funnel_id,
+            version_id=ref.version_id,
+            campaign=name,
+            status=OPEN,
+            leader_member_id=m.id,
+            capacity=rules.capacity(cfg),
+            min_size=cfg.team_size,
+            seats_taken=1,
+            seats_paid=1 if paid else 0,
+            opened_at=ctx.now,
+            deadline=deadline,
+        )
+        .returning(team_t.c.id)
+    ).scalar_one()
+    seat_status = HELD if pay and paid is None else ACTIVE
+    ctx.conn.execute(
+        seat_t.insert().values(
+            tenant_id=ctx.tenant_id,
+            team_id=team_id,
+            member_id=m.id,
+            campaign_key=_campaign_key(ref.funnel_id, name),
+            live_key=_campaign_key(ref.funnel_id, name),
+            role=LEADER,
+            status=seat_status,
+            price_fen=rules.seat_price(cfg, LEADER),
+            joined_at=ctx.now,
+            hold_until=rules.hold_until(cfg, ctx.now, deadline) if seat_status == HELD else None,
+            order_id=paid["order_id"] if paid else None,
+            paid_fen=paid.get("amount_fen") if paid else None,
+        )
+    )
+    team = _reload(ctx.conn, team_id)
+    data = _event_data(team, cfg, LEADER)
+    effects = Effects(m.id, {"outcome": "opened", "team": team_json(ctx.conn, team, ctx.now)})
+    effects.emits.append(Emit(m.id, "groupbuy.team_opened", data))
+    if seat_status == ACTIVE:
+        effects.emits.append(Emit(m.id, "groupbuy.joined", data))
+    return effects
+
+
+def join(ctx: Context) -> Effects:
+    """A member joins a team through its share (`groupbuy.join`)."""
+    team = _lock_team(ctx, ctx.data["team"])
+    m = _member(ctx)
+    _, cfg = team_config(ctx.conn, team)
+    seat = _seat_of(ctx.conn, team.id, m.id)
+    if seat is not None and seat.status in (HELD, ACTIVE):
+        raise Refused(
+            rules.ALREADY_JOINED,
+            f"you are already in team {team.public_id}"
+            + (" (your seat waits for its payment)" if seat.status == HELD else ""),
+        )
+    _refuse_closed(team, ctx.now)
+    _check_member_limits(ctx, m.id, team.funnel_id, team.campaign, cfg, MEMBER)
+    pay = cfg.join_mode == "pay"
+    _take_seat(ctx, team, cfg)
+    values = {
+        "status": HELD if pay else ACTIVE,
+        "live_key": _campaign_key(team.funnel_id, team.campaign),
+        "role": MEMBER,
+        "price_fen": rules.seat_price(cfg, MEMBER),
+        "joined_at": ctx.now,
+        "hold_until": rules.hold_until(cfg, ctx.now, team.deadline) if pay else None,
+        "ended_at": None,
+    }
+    _put_seat(ctx, team, m.id, seat, values)
+    effects = Effects(m.id, {"outcome": "held" if pay else "joined"})
+    if not pay:
+        effects.emits.append(Emit(m.id, "groupbuy.joined", _event_data(team, cfg, MEMBER)))
+        _settle_if_full(ctx, team.id, cfg, effects)
+    effects.result["team"] = team_json(ctx.conn, _reload(ctx.conn, team.id), ctx.now)
+    return effects
+
+
+def _refuse_closed(team: Any, now: datetime) -> None:
+    if team.status != OPEN:
+        raise Refused(rules.TEAM_CLOSED, f"team {team.public_id} is {team.status}")
+    if now >= team.deadline:
+        raise Refused(
+            rules.TEAM_EXPIRED, f"team {team.public_id} expired at {team.deadline.isoformat()}"
+        )
+
+
+def _take_seat(ctx: Context, team: Any, cfg: GroupBuy) -> None:
+    took = ctx.conn.execute(
+        update(team_t)
+        .where(team_t.c.id == team.id, team_t.c.seats_taken < team_t.c.capacity)
+        .values(seats_taken=team_t.c.seats_taken + 1)
+    ).rowcount
+    if not took:
+        raise Refused(rules.TEAM_FULL, f"team {team.public_id} is full")
+    _take(ctx, team, team.funnel_id, team.campaign, cfg, seats=1)
+
+
+def _put_seat(ctx: Context, team: Any, member_id: int, seat: Any, values: dict[str, Any]) -> int:
+    """Insert the member's seat, or reuse the row of a seat they left or lost."""
+    if seat is not None:
+        ctx.conn.execute(update(seat_t).where(seat_t.c.id == seat.id).values(**values))
+        return int(seat.id)
+    return int(
+        ctx.conn.execute(
+            seat_t.insert()
+            .values(
+                tenant_id=ctx.tenant_id,
+                team_id=team.id,
+                member_id=member_id,
+                campaign_key=_campaign_key(team.funnel_id, team.campaign),
+                **values,
+            )
+            .returning(seat_t.c.id)
+        ).scalar_one()
+    )
+
+
+def _confirmed(team: Any, cfg: GroupBuy) -> int:
+    return int(team.seats_paid if cfg.join_mode == "pay" else team.seats_taken)
+
+
+def _settle_if_full(ctx: Context, team_id: int, cfg: GroupBuy, effects: Effects) -> None:
+    team = _reload(ctx.conn, team_id)
+    settlement = rules.settle_when_full(cfg, _confirmed(team, cfg))
+    if settlement is not None:
+        _succeed(ctx, team, cfg, settlement, effects)
+
+
+def leave(ctx: Context) -> Effects:
+    """A member leaves an open team (`groupbuy.leave`). A paid seat is refunded; a leader's
+    place passes to the earliest remaining member; a leader alone cancels the team."""
+    team = _lock_team(ctx, ctx.data["team"])
+    m = _member(ctx)
+    _, cfg = team_config(ctx.conn, team)
+    seat = _seat_of(ctx.conn, team.id, m.id)
+    if seat is None or seat.status not in (HELD, ACTIVE):
+        raise Refused(rules.NOT_IN_TEAM, f"you are not in team {team.public_id}")
+    if team.status != OPEN:
+        raise Refused(rules.TEAM_CLOSED, f"team {team.public_id} is {team.status}")
+    effects = Effects(m.id, {"outcome": "left"})
+    _vacate(ctx, team, cfg, seat, LEFT, "left", effects)
+    effects.emits.append(Emit(m.id, "groupbuy.left", _event_data(team, cfg, seat.role)))
+    effects.result["team"] = team_json(ctx.conn, _reload(ctx.conn, team.id), ctx.now)
+    return effects
+
+
+def _vacate(
+    ctx: Context, team: Any, cfg: GroupBuy, seat: Any, status: str, why: str, effects: Effects
+) -> None:
+    """Free a seat of an open team (left, or a payment hold released)."""
+    paid = seat.status == ACTIVE and seat.order_id is not None
+    ctx.conn.execute(
+        update(seat_t)
+        .where(seat_t.c.id == seat.id)
+        .values(status=status, live_key=None, ended_at=ctx.now, hold_until=None)
+    )
+    ctx.conn.execute(
+        update(team_t)
+        .where(team_t.c.id == team.id)
+        .values(
+            seats_taken=team_t.c.seats_taken - 1,
+            seats_paid=team_t.c.seats_paid - (1 if paid else 0),
+        )
+    )
+    _take(ctx, team, team.funnel_id, team.campaign, cfg, seats=-1)
+    if paid:
+        effects.actions.append(_refund(team, seat.member_id, seat.order_id, seat.paid_fen, why))
+    if seat.role != LEADER:
+        return
+    heir = ctx.conn.execute(
+        select(seat_t.c.id, seat_t.c.member_id)
+        .where(seat_t.c.team_id == team.id, seat_t.c.status.in_([HELD, ACTIVE]))
+        .order_by(seat_t.c.joined_at, seat_t.c.id)
+        .limit(1)
+    ).first()
+    if heir is None:
+        reason = "leader_left_alone" if why == "left" else "leader_unpaid"
+        _close(ctx, _reload(ctx.conn, team.id), cfg, CANCELLED, reason, effects)
+        return
+    ctx.conn.execute(update(seat_t).where(seat_t.c.id == heir.id).values(role=LEADER))
+    ctx.conn.execute(
+        update(team_t).where(team_t.c.id == team.id).values(leader_member_id=heir.member_id)
+    )
+
+
+def cancel(ctx: Context) -> Effects:
+    """The merchant cancels an open team (`groupbuy.cancel`): paid members are refunded."""
+    team = _lock_team(ctx, ctx.data["team"], path="team")
+    _, cfg = team_config(ctx.conn, team)
+    if team.status != OPEN:
+        raise Refused(rules.TEAM_CLOSED, f"team {team.public_id} is {team.status}")
+    effects = Effects(None, {"outcome": "cancelled"})
+    reason = str(ctx.data.get("reason") or "cancelled_by_merchant")[:64]
+    _close(ctx, team, cfg, CANCELLED, reason, effects)
+    effects.result["team"] = team_json(ctx.conn, _reload(ctx.conn, team.id), ctx.now)
+    return effects
+
+
+def deadline(ctx: Context) -> Effects:
+    """The team's deadline passed (the sweep): settle it, without anyone calling the API."""
+    team = ctx.conn.execute(
+        select(team_t).where(team_t.c.id == int(ctx.data["team_id"])).with_for_update()
+    ).first()
+    if team is None or team.status != OPEN or team.deadline > ctx.now:
+        return Effects(None, {"outcome": "nothing_due"})
+    _, cfg = team_config(ctx.conn, team)
+    effects = Effects(None, {"outcome": "settled"})
+    if cfg.join_mode == "pay":  # unpaid holds end with the team
+        for held in _seats(ctx.conn, team.id, (HELD,)):
+            seat = ctx.conn.execute(select(seat_t).where(seat_t.c.id == held.id)).one()
+            _vacate(ctx, team, cfg, seat, RELEASED, "deadline", effects)
+        team = _reload(ctx.conn, team.id)
+        if team.status != OPEN:
+            return effects
+    settlement = rules.settle_at_deadline(cfg, _confirmed(team, cfg))
+    if settlement.succeeded:
+        _succeed(ctx, team, cfg, settlement, effects)
+    else:
+        _close(ctx, team, cfg, FAILED, settlement.reason, effects)
+    effects.result["team"] = team_json(ctx.conn, _reload(ctx.conn, team.id), ctx.now)
+    return effects
+
+
+def hold_expired(ctx: Context) -> Effects:
+    """A pay-to-join seat's payment window passed unpaid (the sweep): release the seat."""
+    seat = ctx.conn.execute(select(seat_t).where(seat_t.c.id == int(ctx.data["seat_id"]))).first()
+    if seat is None:
+        return Effects(None, {"outcome": "nothing_due"})
+    team = ctx.conn.execute(
+        select(team_t).where(team_t.c.id == seat.team_id).with_for_update()
+    ).one()
+    seat = ctx.conn.execute(select(seat_t).where(seat_t.c.id == seat.id)).one()  # under lock
+    if seat.status != HELD or seat.hold_until is None or seat.hold_until > ctx.now:
+        return Effects(None, {"outcome": "nothing_due"})
+    _, cfg = team_config(ctx.conn, team)
+    effects = Effects(seat.member_id, {"outcome": "released"})
+    if team.status == OPEN:
+        _vacate(ctx, team, cfg, seat, RELEASED, "payment_window_passed", effects)
+    else:
+        ctx.conn.execute(
+            update(seat_t)
+            .where(seat_t.c.id == seat.id)
+            .values(status=RELEASED, live_key=None, hold_until=None, ended_at=ctx.now)
+        )
+    effects.emits.append(
+        Emit(seat.member_id, "groupbuy.seat_released", _event_data(team, cfg, seat.role))
+    )
+    return effects
+
+
+def pay(ctx: Context) -> Effects:
+    """An `order.paid` carrying a team: confirm the payer's held seat, or take a free one;
+    a payment that finds no seat is refunded (or opens a new team, as configured)."""
+    team = _lock_team(ctx, ctx.data["team_id"], path="data.team_id")
+    m = ctx.member()
+    _, cfg = team_config(ctx.conn, team)
+    order_id, amount = str(ctx.data["order_id"]), ctx.data.get("amount_fen")
+    paid = {"order_id": order_id, "amount_fen": amount}
+    seat = _seat_of(ctx.conn, team.id, m.id)
+    effects = Effects(m.id, {"outcome": "confirmed"})
+    if (
+        seat is not None
+        and seat.status == HELD
+        and team.status == OPEN
+        and (seat.hold_until is None or seat.hold_until <= ctx.now)
+    ):  # the window passed and the sweep has not come yet: the hold is gone all the same
+        _vacate(ctx, team, cfg, seat, RELEASED, "payment_window_passed", effects)
+        team, seat = _reload(ctx.conn, team.id), _seat_of(ctx.conn, team.id, m.id)
+    if seat is not None and seat.status == ACTIVE and seat.order_id == order_id:
+        effects.result = {"outcome": "already_confirmed"}
+    elif seat is not None and seat.status == HELD and team.status == OPEN:
+        _confirm(ctx, team, cfg, seat.id, seat.role, paid, effects)
+    elif team.status == OPEN and ctx.now < team.deadline and _free_seat(ctx, team, m.id, cfg):
+        seat_id = _put_seat(
+            ctx,
+            team,
+            m.id,
+            seat,
+            {
+                "status": HELD,
+                "live_key": _campaign_key(team.funnel_id, team.campaign),
+                "role": MEMBER,
+                "price_fen": rules.seat_price(cfg, MEMBER),
+                "joined_at": ctx.now,
+                "hold_until": None,
+                "ended_at": None,
+            },
+        )
+        _confirm(ctx, team, cfg, seat_id, MEMBER, paid, effects)
+    else:
+        why = "team_full" if team.status == OPEN else f"team_{team.status}"
+        if _late_payment_opens_team(ctx, m.id, team, cfg):
+            opened = _open_paid(ctx, m, team, cfg, paid)
+            opened.result["outcome"] = "new_team"
+            opened.result["reason"] = why
+            return opened
+        effects.result = {"outcome": "refunded", "reason": why}
+        effects.actions.append(_refund(team, m.id, order_id, amount, why))
+    effects.result["team"] = team_json(ctx.conn, _reload(ctx.conn, team.id), ctx.now)
+    return effects
+
+
+def _free_seat(ctx: Context, team: Any, member_id: int, cfg: GroupBuy) -> bool:
+    """Can a payer without a held seat take one now (after their hold was released)?"""
+    if team.seats_taken >= team.capacity:
+        return False
+    if _live_seat(ctx.conn, ctx.tenant_id, member_id, _campaign_key(team.funnel_id, team.campaign)):
+        return False
+    _take_seat(ctx, team, cfg)
+    return True
+
+
+def _late_payment_opens_team(ctx: Context, member_id: int, team: Any, cfg: GroupBuy) -> bool:
+    if cfg.on_late_payment != "new_team" or rules.window_refusal(cfg, ctx.now) is not None:
+        return False
+    key = _campaign_key(team.funnel_id, team.campaign)
+    return _live_seat(ctx.conn, ctx.tenant_id, member_id, key) is None
+
+
+def _open_paid(ctx: Context, m: Any, team: Any, cfg: GroupBuy, paid: dict[str, Any]) -> Effects:
+    versions = {v.funnel_id: v for v in ctx.versions()}
+    ref = versions.get(team.funnel_id) or store.version_ref(ctx.conn, team.version_id)
+    current = store.compiled_version(ctx.conn, ref).definition.mechanics.groupbuy.get(
+        team.campaign, cfg
+    )
+    return _open(ctx, m, ref, team.campaign, current, paid=paid)
+
+
+def _confirm(
+    ctx: Context,
+    team: Any,
+    cfg: GroupBuy,
+    seat_id: int,
+    role: str,
+    paid: dict[str, Any],
+    effects: Effects,
+) -> None:
+    ctx.conn.execute(
+        update(seat_t)
+        .where(seat_t.c.id == seat_id)
+        .values(
+            status=ACTIVE,
+            hold_until=None,
+            order_id=paid["order_id"],
+            paid_fen=paid["amount_fen"],
+        )
+    )
+    ctx.conn.execute(
+        update(team_t).where(team_t.c.id == team.id).values(seats_paid=team_t.c.seats_paid + 1)
+    )
+    member_id = effects.member_id
+    assert member_id is not None
+    effects.emits.append(Emit(member_id, "groupbuy.joined", _event_data(team, cfg, role)))
+    _settle_if_full(ctx, team.id, cfg, effects)
+
+
+def _seats(conn: Connection, team_id: int, statuses: tuple[str, ...]) -> list[Any]:
+    return list(
+        conn.execute(
+            select(seat_t)
+            .where(seat_t.c.team_id == team_id, seat_t.c.status.in_(statuses))
+            .order_by(seat_t.c.joined_at, seat_t.c.id)
+        ).all()
+    )
+
+
+def _succeed(
+    ctx: Context, team: Any, cfg: GroupBuy, settlement: rules.Settlement, effects: Effects
+) -> None:
+    ctx.conn.execute(
+        update(team_t)
+        .where(team_t.c.id == team.id)
+        .values(
+            status=SUCCEEDED,
+            closed_at=ctx.now,
+            close_reason=settlement.reason,
+            price_fen=settlement.price_fen,
+            virtual_seats=settlement.virtual_seats,
+        )
+    )
+    ctx.conn.execute(update(seat_t).where(seat_t.c.team_id == team.id).values(live_key=None))
+    _closing_counters(ctx, team, cfg, succeeded=True)
+    team = _reload(ctx.conn, team.id)
+    source = f"groupbuy.{team.campaign}"
+    for seat in _seats(ctx.conn, team.id, (ACTIVE,)):
+        data = _event_data(team, cfg, seat.role)
+        if cfg.voucher is not None:
+            v = cfg.voucher
+            row, _ = vouchers.issue(
+                ctx.conn,
+                tenant_id=ctx.tenant_id,
+                member_id=seat.member_id,
+                name=v.voucher,
+                value_fen=v.value_fen,
+                discount_percent=v.discount_percent,
+                valid_for=parse_duration(v.valid_for),
+                origin=f"groupbuy:{team.id}:{seat.member_id}",
+                mechanic=source,
+                funnel_id=team.funnel_id,
+                team_id=team.id,
+                now=ctx.now,
+            )
+            data["voucher"] = row.code
+        effects.emits.append(Emit(seat.member_id, "groupbuy.succeeded", data))
+        if cfg.voucher is not None:
+            effects.emits.append(
+                Emit(seat.member_id, "voucher.issued", vouchers.event_data(row, source))
+            )
+        if seat.order_id is not None:
+            effects.actions.append(
+                DirectAction(
+                    seat.member_id,
+                    "fulfil_order",
+                    {
+                        "order_id": seat.order_id,
+                        "team": team.public_id,
+                        "product": cfg.product,
+                        "idempotency_key": f"fulfil:{seat.order_id}",
+                    },
+                    source,
+                )
+            )
+            due = (seat.paid_fen or 0) - (settlement.price_fen or seat.paid_fen or 0)
+            if settlement.price_fen is not None and due > 0:  # a tier the team reached
+                effects.actions.append(
+                    _refund(team, seat.member_id, seat.order_id, due, "tier_price", partial=True)
+                )
+
+
+def _close(
+    ctx: Context, team: Any, cfg: GroupBuy, status: str, reason: str, effects: Effects
+) -> None:
+    """Fail or cancel an open team: everyone is told, every paid seat refunded."""
+    ctx.conn.execute(
+        update(team_t)
+        .where(team_t.c.id == team.id)
+        .values(status=status, closed_at=ctx.now, close_reason=reason)
+    )
+    ctx.conn.execute(update(seat_t).where(seat_t.c.team_id == team.id).values(live_key=None))
+    _closing_counters(ctx, team, cfg, succeeded=False)
+    event = "groupbuy.failed" if status == FAILED else "groupbuy.cancelled"
+    for seat in _seats(ctx.conn, team.id, (HELD, ACTIVE)):
+        data = {**_event_data(team, cfg, seat.role), "reason": reason}
+        effects.emits.append(Emit(seat.member_id, event, data))
+        if seat.status == ACTIVE and seat.order_id is not None:
+            effects.actions.append(
+                _refund(team, seat.member_id, seat.order_id, seat.paid_fen, reason)
+            )
+
+
+def _refund(
+    team: Any,
+    member_id: int,
+    order_id: str,
+    amount: int | None,
+    reason: str,
+    *,
+    partial: bool = False,
+) -> DirectAction:
+    """A refund the merchant's payment integration carries out; the outbox retries it until
+    acknowledged, and one that never is stays listed as dead for manual handling."""
+    return DirectAction(
+        member_id,
+        "refund",
+        {
+            "order_id": order_id,
+            "amount_fen": amount,
+            "reason": reason,
+            "team": team.public_id,
+            "partial": partial,
+            # the payment system's dedupe key: one refund per order (and one tier refund)
+            "idempotency_key": f"{order_id}:tier" if partial else order_id,
+        },
+        f"groupbuy.{team.campaign}",
+    )
+
+
+# ── what callers see ──────────────────────────────────────────────────────────────────────
+def _event_data(team: Any, cfg: GroupBuy, role: str) -> dict[str, Any]:
+    return {
+        "team": team.public_id,
+        "campaign": team.campaign,
+        "product": cfg.product,
+        "role": role,
+        "team_size": team.capacity,
+        "price_fen": team.price_fen if team.price_fen is not None else cfg.price_fen,
+        "discount_percent": cfg.discount_percent,
+    }
+
+
+def _window_detail(reason: str, cfg: GroupBuy) -> str:
+    if reason == rules.CAMPAIGN_NOT_STARTED and cfg.starts_at:
+        return f"the campaign starts at {cfg.starts_at.isoformat()}"
+    if cfg.ends_at:
+        return f"the campaign ended at {cfg.ends_at.isoformat()}"
+    return reason
+
+
+def team_json(conn: Connection, team: Any, now: datetime) -> dict[str, Any]:
+    """A team's live state, as anyone holding its share sees it: no member ids."""
+    ref = store.version_ref(conn, team.version_id)
+    cfg = store.compiled_version(conn, ref).definition.mechanics.groupbuy[team.campaign]
+    members = conn.execute(
+        select(
+            seat_t.c.role,
+            seat_t.c.status,
+            seat_t.c.joined_at,
+            seat_t.c.hold_until,
+            member_t.c.nickname,
+            member_t.c.attributes,
+        )
+        .join(member_t, member_t.c.id == seat_t.c.member_id)
+        .where(seat_t.c.team_id == team.id, seat_t.c.status.in_([HELD, ACTIVE]))
+        .order_by(seat_t.c.joined_at, seat_t.c.id)
+    ).all()
+    return {
+        "id": team.public_id,
+        "share_path": SHARE_PATH + team.public_id,
+        "funnel": ref.key,
+        "campaign": team.campaign,
+        "product": cfg.product,
+        "status": team.status,
+        "join_mode": cfg.join_mode,
+        "team_size": team.capacity,
+        "min_size": team.min_size,
+        "seats_taken": team.seats_taken,
+        "seats_left": max(0, team.capacity - team.seats_taken) if team.status == OPEN else 0,
+        "price_fen": team.price_fen if team.price_fen is not None else cfg.price_fen,
+        "leader_price_fen": cfg.leader_price_fen,
+        "discount_percent": cfg.discount_percent,
+        "opened_at": team.opened_at.isoformat(),
+        "deadline": team.deadline.isoformat(),
+        "expired": team.status == OPEN and now >= team.deadline,
+        "closed_at": team.closed_at.isoformat() if team.closed_at else None,
+        "close_reason": team.close_reason,
+        "virtual_seats": team.virtual_seats,
+        "members": [
+            {
+                "nickname": r.nickname or "",
+                "avatar": (r.attributes or {}).get("avatar"),
+                "role": r.role,
+                "paid": r.status == ACTIVE if cfg.join_mode == "pay" else None,
+                "joined_at": r.joined_at.isoformat(),
+                "hold_until": r.hold_until.isoformat() if r.hold_until else None,
+            }
+            for r in members
+        ],
+    }

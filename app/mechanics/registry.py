@@ -1,0 +1,29 @@
+"""Which handler runs which command (see `app.mechanics.commands`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.mechanics.commands import Handler
+from app.mechanics.groupbuy import service as groupbuy
+from app.mechanics.vouchers import commands as vouchers
+
+COMMANDS: dict[str, Handler] = {
+    "groupbuy.open": groupbuy.open_team,
+    "groupbuy.join": groupbuy.join,
+    "groupbuy.leave": groupbuy.leave,
+    "groupbuy.cancel": groupbuy.cancel,
+    "groupbuy.deadline": groupbuy.deadline,
+    "groupbuy.hold_expired": groupbuy.hold_expired,
+    "voucher.redeem": vouchers.redeem,
+    "voucher.void": vouchers.void,
+    "voucher.expire": vouchers.expire,
+}
+
+
+def command_for(event_type: str, data: dict[str, Any]) -> Handler | None:
+    """The handler for a command, or for an event a mechanic takes over: an `order.paid`
+    that carries a group-buy team confirms (or refunds) that team's seat."""
+    if event_type == "order.paid" and data.get("team_id"):
+        return groupbuy.pay
+    return COMMANDS.get(event_type)

@@ -1,0 +1,151 @@
+"""Mechanic timers: a team's deadline, a seat's payment hold, a voucher's expiry.
+
+Each is a due-time column on the mechanic's own row (indexed with its status), so there is
+no second copy of the deadline to keep in step: the sweep finds open rows whose time has
+come and hands each to the write path as a command ("groupbuy.deadline"…), which settles
+it under the row's lock and emits the events. Several workers may sweep one PostgreSQL:
+`FOR UPDATE SKIP LOCKED` gives each a disjoint set (for seats, on the team row, the lock
+every group-buy command takes first). Handlers check the state again under the lock, so a
+row swept twice changes once. How late each ran is in /metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Engine, Select, func, select
+from sqlalchemy.exc import OperationalError
+
+from app.events.dispatch import TIMER_SOURCE, BatchCache, Inbound, Reply, apply_one
+from app.mechanics.groupbuy.service import HELD, OPEN, seat_t, team_t
+from app.mechanics.vouchers.service import ISSUED, voucher_t
+from app.observability import Metrics
+
+log = logging.getLogger("flywheel.sweeps")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    kind: str
+    command: str
+    due: Any  # the due-time column
+    open: ColumnElement[bool]  # rows still waiting for it
+    data: Callable[[Any], dict[str, Any]]
+    query: Callable[[datetime, int], Select[Any]]
+
+    def backlog(self, conn: Connection, now: datetime) -> tuple[int, datetime | None]:
+        n, first = conn.execute(
+            select(func.count(), func.min(self.due)).where(self.open, self.due <= now)
+        ).one()
+        return int(n), first
+
+
+def _teams(now: datetime, limit: int) -> Select[Any]:
+    return (
+        select(team_t.c.id, team_t.c.tenant_id, team_t.c.deadline.label("due"))
+        .where(team_t.c.status == OPEN, team_t.c.deadline <= now)
+        .order_by(team_t.c.deadline, team_t.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def _holds(now: datetime, limit: int) -> Select[Any]:
+    return (
+        select(seat_t.c.id, seat_t.c.tenant_id, seat_t.c.hold_until.label("due"))
+        .join(team_t, team_t.c.id == seat_t.c.team_id)
+        .where(seat_t.c.status == HELD, seat_t.c.hold_until <= now)
+        .order_by(seat_t.c.hold_until, seat_t.c.id)
+        .limit(limit)
+        .with_for_update(of=team_t, skip_locked=True)
+    )
+
+
+def _vouchers(now: datetime, limit: int) -> Select[Any]:
+    return (
+        select(voucher_t.c.id, voucher_t.c.tenant_id, voucher_t.c.expires_at.label("due"))
+        .where(voucher_t.c.status == ISSUED, voucher_t.c.expires_at <= now)
+        .order_by(voucher_t.c.expires_at, voucher_t.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+SWEEPS = (
+    Sweep(
+        "groupbuy_deadline",
+        "groupbuy.deadline",
+        team_t.c.deadline,
+        team_t.c.status == OPEN,
+        lambda r: {"team_id": r.id},
+        _teams,
+    ),
+    Sweep(
+        "groupbuy_payment_hold",
+        "groupbuy.hold_expired",
+        seat_t.c.hold_until,
+        seat_t.c.status == HELD,
+        lambda r: {"seat_id": r.id},
+        _holds,
+    ),
+    Sweep(
+        "voucher_expiry",
+        "voucher.expire",
+        voucher_t.c.expires_at,
+        voucher_t.c.status == ISSUED,
+        lambda r: {"voucher_id": r.id},
+        _vouchers,
+    ),
+)
+
+
+def sweep_due(
+    engine: Engine, now: datetime, limit: int = 200, metrics: Metrics | None = None
+) -> list[Reply]:
+    """Apply every mechanic timer due at `now` (up to `limit` of each kind)."""
+    replies: list[Reply] = []
+    for sweep in SWEEPS:
+        replies.extend(_sweep(engine, sweep, now, limit, metrics))
+    return replies
+
+
+def _sweep(
+    engine: Engine, sweep: Sweep, now: datetime, limit: int, metrics: Metrics | None
+) -> list[Reply]:
+    replies: list[Reply] = []
+    lateness: list[float] = []
+    try:
+        with engine.connect() as conn, conn.begin():
+            cache = BatchCache()
+            for r in conn.execute(sweep.query(now, limit)).all():
+                item = Inbound(
+                    tenant_id=r.tenant_id,
+                    source=TIMER_SOURCE,
+                    type=sweep.command,
+                    data=sweep.data(r),
+                )
+                savepoint = conn.begin_nested()
+                try:
+                    reply = apply_one(conn, item, now, cache)
+                except OperationalError:
+                    raise
+                except Exception:
+                    savepoint.rollback()
+                    log.exception("%s %s failed; it stays due", sweep.kind, r.id)
+                    if metrics is not None:
+                        metrics.sweep_errors.labels(sweep.kind).inc()
+                    continue
+                savepoint.commit()
+                replies.append(reply)
+                lateness.append(max(0.0, (now - r.due).total_seconds()))
+    except OperationalError as exc:
+        log.warning("%s sweep rolled back: %s", sweep.kind, exc.orig)
+        return []
+    if metrics is not None:
+        for seconds in lateness:
+            metrics.sweep_lateness.labels(sweep.kind).observe(seconds)
+    return replies

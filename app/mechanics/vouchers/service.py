@@ -1,0 +1,200 @@
+"""Vouchers inside the write path: issue (idempotent by origin), redeem exactly once, void,
+expire. Core statements on the caller's connection; nothing here commits."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Table, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from app.errors import Conflict, NotFound
+from app.mechanics.vouchers.models import Voucher
+
+voucher_t: Table = Voucher.__table__  # type: ignore[attr-defined]
+
+ISSUED, REDEEMED, EXPIRED, VOIDED = "issued", "redeemed", "expired", "voided"
+# Crockford's base32 without the letters a cashier confuses (I, L, O, U).
+ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+CODE_LENGTH = 12  # 60 bits: unguessable, still short enough to type at a till
+QR_PREFIX = "flywheel:voucher:"
+
+
+class VoucherRefused(Conflict):
+    """A redemption or void that cannot happen; `code` says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = reason
+
+
+def new_code() -> str:
+    return "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
+
+
+def normalize(code: str) -> str:
+    """What a cashier types or a scanner reads: case, dashes, spaces and the QR prefix
+    do not matter."""
+    code = code.strip()
+    if code.lower().startswith(QR_PREFIX):
+        code = code[len(QR_PREFIX) :]
+    return code.replace("-", "").replace(" ", "").upper()
+
+
+def _insert(dialect: str) -> Any:
+    mod = postgresql if dialect == "postgresql" else sqlite
+    return mod.insert(voucher_t).on_conflict_do_nothing(index_elements=["tenant_id", "origin"])
+
+
+_INSERTS = {"postgresql": _insert("postgresql"), "sqlite": _insert("sqlite")}
+
+
+def issue(
+    conn: Connection,
+    *,
+    tenant_id: int,
+    member_id: int,
+    name: str,
+    valid_for: timedelta,
+    origin: str,
+    now: datetime,
+    value_fen: int | None = None,
+    discount_percent: int | None = None,
+    mechanic: str | None = None,
+    funnel_id: int | None = None,
+    team_id: int | None = None,
+) -> tuple[Any, bool]:
+    """Issue one voucher for `origin`, or return the one it already issued.
+    Returns (row, created)."""
+    inserted = conn.execute(
+        _INSERTS[conn.dialect.name],
+        {
+            "tenant_id": tenant_id,
+            "member_id": member_id,
+            "code": new_code(),
+            "name": name,
+            "value_fen": value_fen,
+            "discount_percent": discount_percent,
+            "status": ISSUED,
+            "origin": origin,
+            "mechanic": mechanic,
+            "funnel_id": funnel_id,
+            "team_id": team_id,
+            "issued_at": now,
+            "expires_at": now + valid_for,
+        },
+    ).rowcount
+    row = conn.execute(
+        select(voucher_t).where(voucher_t.c.tenant_id == tenant_id, voucher_t.c.origin == origin)
+    ).one()
+    return row, bool(inserted)
+
+
+def by_code(conn: Connection, tenant_id: int, code: str) -> Any:
+    row = conn.execute(
+        select(voucher_t).where(voucher_t.c.tenant_id == tenant_id, voucher_t.c.code == code)
+    ).first()
+    if row is None:
+        raise NotFound(f'no voucher with code "{code}"')
+    return row
+
+
+def _refusal(row: Any, now: datetime) -> VoucherRefused:
+    if row.status == REDEEMED:
+        when = row.redeemed_at.isoformat() if row.redeemed_at else "earlier"
+        return VoucherRefused(
+            "voucher_already_redeemed", f"voucher {row.code} was already redeemed at {when}"
+        )
+    if row.status == VOIDED:
+        return VoucherRefused("voucher_voided", f"voucher {row.code} was voided")
+    if row.status == EXPIRED or row.expires_at <= now:
+        return VoucherRefused(
+            "voucher_expired", f"voucher {row.code} expired at {row.expires_at.isoformat()}"
+        )
+    raise AssertionError(f"voucher {row.code} is {row.status}")
+
+
+def redeem(conn: Connection, tenant_id: int, code: str, now: datetime, by: str) -> Any:
+    """Redeem exactly once: a conditional UPDATE on `issued` and not yet expired, so of two
+    tills at the same moment one wins and the other is told why it lost."""
+    won = conn.execute(
+        update(voucher_t)
+        .where(
+            voucher_t.c.tenant_id == tenant_id,
+            voucher_t.c.code == code,
+            voucher_t.c.status == ISSUED,
+            voucher_t.c.expires_at > now,
+        )
+        .values(status=REDEEMED, redeemed_at=now, redeemed_by=by[:100])
+        .returning(voucher_t.c.id)
+    ).first()
+    row = by_code(conn, tenant_id, code)
+    if won is None:
+        raise _refusal(row, now)
+    return row
+
+
+def void(conn: Connection, tenant_id: int, code: str, now: datetime) -> Any:
+    won = conn.execute(
+        update(voucher_t)
+        .where(
+            voucher_t.c.tenant_id == tenant_id,
+            voucher_t.c.code == code,
+            voucher_t.c.status == ISSUED,
+        )
+        .values(status=VOIDED, voided_at=now)
+        .returning(voucher_t.c.id)
+    ).first()
+    row = by_code(conn, tenant_id, code)
+    if won is None:
+        raise _refusal(row, now)
+    return row
+
+
+def expire(conn: Connection, voucher_id: int, now: datetime) -> Any | None:
+    """Mark a voucher past its expiry as expired; None if it was redeemed or voided first."""
+    won = conn.execute(
+        update(voucher_t)
+        .where(
+            voucher_t.c.id == voucher_id,
+            voucher_t.c.status == ISSUED,
+            voucher_t.c.expires_at <= now,
+        )
+        .values(status=EXPIRED)
+        .returning(voucher_t.c.id)
+    ).first()
+    if won is None:
+        return None
+    return conn.execute(select(voucher_t).where(voucher_t.c.id == voucher_id)).one()
+
+
+def to_json(row: Any, now: datetime | None = None) -> dict[str, Any]:
+    status = row.status
+    if status == ISSUED and now is not None and row.expires_at <= now:
+        status = EXPIRED  # the expiry sweep may not have run yet; the till must not accept it
+    return {
+        "code": row.code,
+        "qr": QR_PREFIX + row.code,
+        "name": row.name,
+        "value_fen": row.value_fen,
+        "discount_percent": row.discount_percent,
+        "status": status,
+        "mechanic": row.mechanic,
+        "issued_at": row.issued_at.isoformat(),
+        "expires_at": row.expires_at.isoformat(),
+        "redeemed_at": row.redeemed_at.isoformat() if row.redeemed_at else None,
+    }
+
+
+def event_data(row: Any, source: str | None = None) -> dict[str, Any]:
+    """What `voucher.*` events carry (guards read `event.voucher`, `event.value_fen`…)."""
+    return {
+        "voucher": row.code,
+        "name": row.name,
+        "value_fen": row.value_fen,
+        "discount_percent": row.discount_percent,
+        "mechanic": source or row.mechanic,
+        "expires_at": row.expires_at.isoformat(),
+    }

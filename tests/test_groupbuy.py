@@ -1,0 +1,362 @@
+"""Group-buy and vouchers end to end over HTTP — SQLite and PostgreSQL.
+
+Members log in through the development provider, talk to the member API with their tokens,
+the group bot and the shop send signed webhooks, the cashier uses the tenant key, and team
+deadlines, payment holds and voucher expiries run from the worker's sweep with nobody
+calling the API.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from app.clock import FrozenClock
+from app.funnels.models import FunnelInstance
+from app.main import create_app
+from app.mechanics.groupbuy.models import Seat, Team
+from app.mechanics.vouchers.models import Voucher
+from app.members.models import Member
+from app.outbox.models import Outbox
+from tests.conftest import FUNNELS, Client, Source, event, new_tenant, settings_for
+
+LUNCH = json.loads((FUNNELS / "office-lunch.json").read_text())
+OPENS = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai, the campaign's first day
+TEAMS = "/v1/member/groupbuy/office-lunch/lunch-team/teams"
+
+
+def lunch(**changes: Any) -> dict[str, Any]:
+    """The office-lunch funnel with its lunch-team campaign changed."""
+    doc = copy.deepcopy(LUNCH)
+    doc["mechanics"]["groupbuy"]["lunch-team"].update(changes)
+    return doc
+
+
+class Shop:
+    """A tenant with the office-lunch funnel, a group bot, a shop webhook, and a till."""
+
+    def __init__(self, engine, clock: FrozenClock, funnel: dict[str, Any] | None = None) -> None:
+        clock.set(OPENS)
+        url = engine.url.render_as_string(hide_password=False)
+        settings = settings_for(url).model_copy(update={"dev_login": True, "workers": False})
+        self.app = create_app(settings, engine=engine, clock=clock)
+        self.client = Client(self.app)
+        self.engine, self.clock = engine, clock
+        self.tenant_id, self.admin = new_tenant(engine, "lunch")
+        r = self.client.put("/v1/funnels/office-lunch", json=funnel or LUNCH, headers=self.admin)
+        assert r.status_code == 201, r.text
+        self.bot = Source(self.client, self.admin, clock, "group-bot")
+        self.shop = Source(self.client, self.admin, clock, "shop")
+
+    def login(self, openid: str, *, in_group: bool = True) -> dict[str, str]:
+        body = {"provider": "dev", "tenant": "lunch", "openid": openid, "nickname": openid}
+        r = self.client.post("/v1/member/session", json=body)
+        assert r.status_code == 200, r.text
+        auth = {"Authorization": f"Bearer {r.json()['token']}"}
+        if in_group:  # scanned the lobby poster, then joined the group
+            r = self.client.post(
+                "/v1/member/events",
+                json={"type": "member.scanned", "data": {"channel": "poster"}},
+                headers=auth,
+            )
+            assert r.status_code == 200, r.text
+            assert self.bot.send(event("member.joined", openid)).status_code == 200
+        return auth
+
+    def open(self, auth: dict[str, str], **kw: Any) -> Any:
+        return self.client.post(TEAMS, headers=auth, **kw)
+
+    def join(self, auth: dict[str, str], team: str, **kw: Any) -> Any:
+        return self.client.post(f"/v1/member/teams/{team}/join", headers=auth, **kw)
+
+    def team(self, auth: dict[str, str], team: str) -> dict[str, Any]:
+        r = self.client.get(f"/v1/member/teams/{team}", headers=auth)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def vouchers(self, auth: dict[str, str]) -> list[dict[str, Any]]:
+        r = self.client.get("/v1/member/vouchers", headers=auth)
+        assert r.status_code == 200, r.text
+        return r.json()["vouchers"]  # type: ignore[no-any-return]
+
+    def states(self) -> dict[str, str]:
+        """Each member's state in the office-lunch funnel."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(Member.external_id, FunnelInstance.data).join(  # type: ignore[call-overload]
+                    Member, Member.id == FunnelInstance.member_id
+                )
+            ).all()
+        return {r[0]: r[1]["state"] for r in rows}
+
+    def sweep(self) -> list[Any]:
+        return self.app.state.workers.fire_timers()  # type: ignore[no-any-return]
+
+    def count(self, model: Any, *where: Any) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
+            )
+
+    def outbox(self, kind: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(Outbox.payload).where(Outbox.type == kind).order_by(Outbox.id)  # type: ignore[arg-type]
+            ).all()
+        return [r[0] for r in rows]
+
+
+@pytest.fixture
+def shop(engine, clock) -> Shop:
+    return Shop(engine, clock)
+
+
+def funnel_state(response: Any) -> tuple[str | None, str | None]:
+    lunch_outcomes = [f for f in response.json()["funnels"] if f["funnel"] == "office-lunch"]
+    last = lunch_outcomes[-1]
+    return last["state"], last["stage"]
+
+
+# ── the seed case, end to end ─────────────────────────────────────────────────────────────
+def test_three_colleagues_team_up_get_vouchers_and_the_till_redeems_once(shop):
+    ann, bea, cai = (shop.login(o) for o in ("ann", "bea", "cai"))
+
+    r = shop.open(ann, json={"profile": {"nickname": "Ann", "avatar": "https://img/ann.png"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    team = body["result"]["team"]
+    assert body["result"]["outcome"] == "opened"
+    assert team["status"] == "open" and team["seats_left"] == 2 and team["team_size"] == 3
+    assert team["share_path"].endswith(team["id"])
+    assert team["members"] == [
+        {
+            "nickname": "Ann",
+            "avatar": "https://img/ann.png",
+            "role": "leader",
+            "paid": None,
+            "joined_at": OPENS.isoformat(),
+            "hold_until": None,
+        }
+    ]
+    assert funnel_state(r) == ("teaming", "activate")
+    deadline = datetime.fromisoformat(team["deadline"])
+    assert deadline == OPENS + timedelta(hours=24)
+
+    r = shop.join(bea, team["id"])
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["team"]["seats_left"] == 1
+    assert shop.team(cai, team["id"])["members"][1]["nickname"] == "bea"  # a friend sees it
+
+    r = shop.join(cai, team["id"])
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert result["team"]["status"] == "succeeded" and result["team"]["seats_left"] == 0
+    assert funnel_state(r) == ("activated", "activate")
+    # cai's success message carries the voucher code
+    sent = [a for f in r.json()["funnels"] for a in f["actions"] if a["type"] == "send_message"]
+    cai_voucher = shop.vouchers(cai)
+    assert len(cai_voucher) == 1 and cai_voucher[0]["code"] in sent[-1]["params"]["text"]
+
+    held = {name: shop.vouchers(auth) for name, auth in (("ann", ann), ("bea", bea), ("cai", cai))}
+    assert all(len(v) == 1 and v[0]["status"] == "issued" for v in held.values())
+    assert all(
+        v[0]["discount_percent"] == 75 and v[0]["name"] == "工作午餐7.5折券" for v in held.values()
+    )
+    assert len({v[0]["code"] for v in held.values()}) == 3
+    # ann's and bea's funnels moved too, through the write path: all three are activated
+    assert shop.states() == {"ann": "activated", "bea": "activated", "cai": "activated"}
+
+    code = held["bea"][0]["code"]
+    r = shop.client.get(f"/v1/vouchers/{code}", headers=shop.admin)
+    assert r.status_code == 200 and r.json()["status"] == "issued"
+    r = shop.client.post(f"/v1/vouchers/{code}/redeem", json={"till": "till-1"}, headers=shop.admin)
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["voucher"]["status"] == "redeemed"
+    r = shop.client.post(f"/v1/vouchers/{code}/redeem", json={"till": "till-2"}, headers=shop.admin)
+    assert r.status_code == 409
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "voucher_already_redeemed"
+    assert shop.vouchers(bea)[0]["status"] == "redeemed"
+
+
+def refused(r: Any, code: str) -> None:
+    assert r.status_code == 409, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == code, r.json()
+
+
+# ── refusals ──────────────────────────────────────────────────────────────────────────────
+def test_joins_that_cannot_happen_are_409_with_a_reason(shop):
+    ann, bea, cai, dan = (shop.login(o) for o in ("ann", "bea", "cai", "dan"))
+    team = shop.open(ann).json()["result"]["team"]["id"]
+    refused(shop.join(ann, team), "already_joined")  # one's own team
+    assert shop.join(bea, team).status_code == 200
+    refused(shop.join(bea, team), "already_joined")  # twice
+    refused(shop.open(bea), "in_another_team")  # one open team per campaign
+    assert shop.join(cai, team).status_code == 200  # full: succeeded
+    refused(shop.join(dan, team), "team_closed")
+    refused(shop.open(ann), "lead_limit_reached")  # max_teams_led_per_member: 1
+
+    r = shop.join(dan, "tm_nosuchteam")
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "data.team"
+
+    other = shop.open(dan).json()["result"]["team"]
+    shop.clock.set(datetime.fromisoformat(other["deadline"]))  # the sweep has not run yet
+    eve = shop.login("eve")
+    refused(shop.join(eve, other["id"]), "team_expired")
+    shop.clock.set(datetime(2026, 12, 3, 16, 0, 1, tzinfo=UTC))  # past 2026-12-04 00:00 +08
+    refused(shop.open(shop.login("fay", in_group=False)), "campaign_ended")
+    assert shop.count(Seat) == 4 and shop.count(Team) == 2  # nothing half-written by refusals
+
+
+def test_a_campaign_not_yet_started_and_an_unknown_campaign(engine, clock):
+    shop = Shop(engine, clock, lunch(starts_at="2026-12-02T00:00:00+08:00"))
+    ann = shop.login("ann")
+    refused(shop.open(ann), "campaign_not_started")
+    r = shop.client.post("/v1/member/groupbuy/office-lunch/lunch-teem/teams", headers=ann)
+    assert r.status_code == 404 and "lunch-team" in r.json()["detail"]
+
+
+def test_a_full_team_refuses_the_next_member_even_as_the_leader_leaves(shop):
+    ann, bea, cai = (shop.login(o) for o in ("ann", "bea", "cai"))
+    team = shop.open(ann).json()["result"]["team"]["id"]
+    shop.join(bea, team)
+    shop.clock.advance(timedelta(minutes=1))
+    shop.join(cai, team)  # full
+    refused(shop.client.post(f"/v1/member/teams/{team}/leave", headers=ann), "team_closed")
+
+
+def test_the_leader_leaving_hands_over_to_the_earliest_member(shop):
+    ann, bea, cai = (shop.login(o) for o in ("ann", "bea", "cai"))
+    team = shop.open(ann).json()["result"]["team"]["id"]
+    shop.clock.advance(timedelta(minutes=1))
+    shop.join(bea, team)
+    r = shop.client.post(f"/v1/member/teams/{team}/leave", headers=ann)
+    assert r.status_code == 200, r.text
+    state = r.json()["result"]["team"]
+    assert state["status"] == "open" and state["seats_left"] == 2
+    assert [(m["nickname"], m["role"]) for m in state["members"]] == [("bea", "leader")]
+    refused(shop.client.post(f"/v1/member/teams/{team}/leave", headers=ann), "not_in_team")
+    # bea, alone now, leaves: the team is cancelled and everyone in it told
+    r = shop.client.post(f"/v1/member/teams/{team}/leave", headers=bea)
+    assert r.json()["result"]["team"]["status"] == "cancelled"
+    assert r.json()["result"]["team"]["close_reason"] == "leader_left_alone"
+    refused(shop.join(cai, team), "team_closed")
+    # ann may open a team of her own again (the one she led was not counted as led: she left)
+    assert shop.open(ann).status_code == 200
+
+
+def test_the_merchant_cancels_an_open_team(shop):
+    ann = shop.login("ann")
+    team = shop.open(ann).json()["result"]["team"]["id"]
+    r = shop.client.post(
+        f"/v1/groupbuy/teams/{team}/cancel", json={"reason": "kitchen_closed"}, headers=shop.admin
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["team"]["close_reason"] == "kitchen_closed"
+    assert [e["type"] for e in r.json()["emitted"]] == ["groupbuy.cancelled"]
+    refused(
+        shop.client.post(f"/v1/groupbuy/teams/{team}/cancel", headers=shop.admin), "team_closed"
+    )
+    _, other = new_tenant(shop.engine, "other")  # another tenant cannot see or touch it
+    assert shop.client.get(f"/v1/groupbuy/teams/{team}", headers=other).status_code == 404
+    assert shop.client.post(f"/v1/groupbuy/teams/{team}/cancel", headers=other).status_code == 422
+
+
+# ── deadlines, without anyone calling the API ─────────────────────────────────────────────
+def test_a_team_short_at_its_deadline_fails_by_itself(shop):
+    ann, bea = shop.login("ann"), shop.login("bea")
+    team = shop.open(ann).json()["result"]["team"]
+    shop.join(bea, team["id"])
+    assert shop.sweep() == [] or all(r.body["result"]["outcome"] != "settled" for r in shop.sweep())
+    shop.clock.set(datetime.fromisoformat(team["deadline"]) + timedelta(seconds=30))
+    metrics = shop.client.get("/metrics").text
+    assert 'flywheel_mechanic_timers_due{kind="groupbuy_deadline"} 1.0' in metrics
+    assert 'flywheel_mechanic_timers_late_seconds{kind="groupbuy_deadline"} 30.0' in metrics
+
+    replies = shop.sweep()
+    settled = [r for r in replies if r.body.get("result", {}).get("outcome") == "settled"]
+    assert len(settled) == 1
+    assert settled[0].body["result"]["team"]["status"] == "failed"
+    assert sorted(e["type"] for e in settled[0].body["emitted"]) == ["groupbuy.failed"] * 2
+    assert shop.states() == {"ann": "in_group", "bea": "in_group"}  # back, with a nudge
+    nudges = [p for p in shop.outbox("send_message") if "差一点就成团" in p["params"]["text"]]
+    assert len(nudges) == 2
+    assert shop.count(Voucher) == 0
+    metrics = shop.client.get("/metrics").text
+    assert 'flywheel_mechanic_timers_due{kind="groupbuy_deadline"} 0.0' in metrics
+    assert 'flywheel_mechanic_timer_lateness_seconds_count{kind="groupbuy_deadline"} 1.0' in metrics
+    assert shop.sweep() == []  # settled once
+
+
+def test_a_team_one_short_is_completed_when_the_campaign_allows_it(engine, clock):
+    shop = Shop(engine, clock, lunch(on_short="auto_complete", auto_complete_max_missing=1))
+    ann, bea = shop.login("ann"), shop.login("bea")
+    team = shop.open(ann).json()["result"]["team"]
+    shop.join(bea, team["id"])
+    shop.clock.set(datetime.fromisoformat(team["deadline"]))
+    [settled] = [r for r in shop.sweep() if r.body["type"] == "groupbuy.deadline"]
+    state = settled.body["result"]["team"]
+    assert state["status"] == "succeeded" and state["virtual_seats"] == 1
+    assert state["close_reason"] == "auto_completed"
+    assert shop.states() == {"ann": "activated", "bea": "activated"}
+    ann, bea = shop.login("ann", in_group=False), shop.login("bea", in_group=False)  # fresh tokens
+    assert len(shop.vouchers(ann)) == 1 and len(shop.vouchers(bea)) == 1
+
+
+def test_a_team_ttl_never_runs_past_the_campaign_end(engine, clock):
+    shop = Shop(engine, clock, lunch(team_ttl="P7D"))
+    team = shop.open(shop.login("ann")).json()["result"]["team"]
+    assert datetime.fromisoformat(team["deadline"]) == datetime(2026, 12, 3, 16, tzinfo=UTC)
+
+
+# ── vouchers ──────────────────────────────────────────────────────────────────────────────
+def _succeed(shop: Shop) -> list[dict[str, str]]:
+    members = [shop.login(o) for o in ("ann", "bea", "cai")]
+    team = shop.open(members[0]).json()["result"]["team"]["id"]
+    for auth in members[1:]:
+        assert shop.join(auth, team).status_code == 200
+    return members
+
+
+def test_a_voucher_code_is_forgiving_to_type_and_expires_by_itself(shop):
+    ann, bea, cai = _succeed(shop)
+    code = shop.vouchers(ann)[0]["code"]
+    typed = f"{code[:4]}-{code[4:8]} {code[8:]}".lower()
+    r = shop.client.post(f"/v1/vouchers/{typed}/redeem", headers=shop.admin)
+    assert r.status_code == 200, r.text
+    qr = shop.vouchers(bea)[0]["qr"]
+    assert shop.client.get(f"/v1/vouchers/{qr}", headers=shop.admin).json()["status"] == "issued"
+
+    r = shop.client.post(f"/v1/vouchers/{shop.vouchers(cai)[0]['code']}/void", headers=shop.admin)
+    assert r.status_code == 200 and r.json()["result"]["voucher"]["status"] == "voided"
+
+    shop.clock.advance(timedelta(days=3))  # valid_for P3D
+    bea = shop.login("bea", in_group=False)  # a fresh token
+    bea_code = shop.vouchers(bea)[0]["code"]
+    assert shop.vouchers(bea)[0]["status"] == "expired"  # shown expired before the sweep
+    refused(
+        shop.client.post(f"/v1/vouchers/{bea_code}/redeem", headers=shop.admin), "voucher_expired"
+    )
+    expired = [r for r in shop.sweep() if r.body["type"] == "voucher.expire"]
+    assert len(expired) == 1  # ann's was redeemed and cai's voided: only bea's expires
+    with shop.engine.connect() as conn:
+        statuses = dict(conn.execute(select(Voucher.code, Voucher.status)).all())  # type: ignore[call-overload]
+    assert sorted(statuses.values()) == ["expired", "redeemed", "voided"]
+    assert shop.client.get("/v1/vouchers/NOSUCHCODE00", headers=shop.admin).status_code == 404
+
+
+def test_members_see_only_their_own_teams_and_vouchers(shop):
+    ann, bea, cai = _succeed(shop)
+    dan = shop.login("dan")
+    assert shop.vouchers(dan) == []
+    assert shop.client.get("/v1/member/teams", headers=dan).json()["teams"] == []
+    mine = shop.client.get("/v1/member/teams", headers=ann).json()["teams"]
+    assert len(mine) == 1 and mine[0]["status"] == "succeeded"
+    assert "member_id" not in json.dumps(mine)  # teammates show as nickname and avatar only
+    assert shop.client.get("/v1/member/vouchers").status_code == 401
