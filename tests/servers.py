@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
+import json
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
+from standardwebhooks.webhooks import Webhook
 
 
 class LocalServer:
@@ -39,3 +44,59 @@ async def read_body(receive: Any) -> bytes:
         body += message.get("body", b"")
         if not message.get("more_body"):
             return body
+
+
+class Receiver:
+    """A second uvicorn server on 127.0.0.1 that verifies signatures and answers with
+    `script` statuses first (then 200)."""
+
+    def __init__(
+        self, script: list[int] | None = None, refuse: Callable[[Any], bool] | None = None
+    ) -> None:
+        self.script = list(script or [])
+        self.refuse = refuse  # answer 500 to every action this says yes to
+        self.calls: list[dict[str, Any]] = []
+        self.secrets: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return
+            body = await read_body(receive)
+            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            status = self.script.pop(0) if self.script else 200
+            if self.refuse is not None and self.refuse(json.loads(body)):
+                status = 500
+            self.calls.append(
+                {
+                    "headers": headers,
+                    "raw": body,
+                    "body": json.loads(body),
+                    "valid": self.verify(headers, body),
+                }
+            )
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        self.server = LocalServer(app)
+
+    def verify(self, headers: dict[str, str], body: bytes) -> bool:
+        """Standard Webhooks verification with the secrets this receiver holds (the
+        timestamp's freshness is the receiver's policy; tests move the service clock)."""
+        ts = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
+        presented = [s.split(",", 1)[1] for s in headers["webhook-signature"].split()]
+        for secret in self.secrets:
+            expected = Webhook(secret).sign(headers["webhook-id"], ts, body.decode()).split(",")[1]
+            if any(hmac.compare_digest(expected, p) for p in presented):
+                return True
+        return False
+
+    @property
+    def url(self) -> str:
+        return f"{self.server.base_url}/actions"
+
+    def __enter__(self) -> Receiver:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()

@@ -8,6 +8,7 @@ calling the API.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from datetime import UTC, datetime, timedelta
@@ -22,8 +23,11 @@ from app.main import create_app
 from app.mechanics.groupbuy.models import Seat, Team
 from app.mechanics.vouchers.models import Voucher
 from app.members.models import Member
+from app.outbox import delivery
+from app.outbox.delivery import BACKOFF, MAX_ATTEMPTS
 from app.outbox.models import Outbox
 from tests.conftest import FUNNELS, Client, Source, event, new_tenant, settings_for
+from tests.servers import Receiver
 
 LUNCH = json.loads((FUNNELS / "office-lunch.json").read_text())
 OPENS = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai, the campaign's first day
@@ -182,6 +186,14 @@ def test_three_colleagues_team_up_get_vouchers_and_the_till_redeems_once(shop):
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["code"] == "voucher_already_redeemed"
     assert shop.vouchers(bea)[0]["status"] == "redeemed"
+
+
+def deliver(app: Any) -> int:
+    async def go() -> int:
+        async with delivery.new_client(5, 4) as client:
+            return await app.state.workers.deliver(client)  # type: ignore[no-any-return]
+
+    return asyncio.run(go())
 
 
 def refused(r: Any, code: str) -> None:
@@ -352,7 +364,7 @@ def test_a_voucher_code_is_forgiving_to_type_and_expires_by_itself(shop):
 
 
 def test_members_see_only_their_own_teams_and_vouchers(shop):
-    ann, bea, cai = _succeed(shop)
+    ann, _, _ = _succeed(shop)
     dan = shop.login("dan")
     assert shop.vouchers(dan) == []
     assert shop.client.get("/v1/member/teams", headers=dan).json()["teams"] == []
@@ -360,3 +372,158 @@ def test_members_see_only_their_own_teams_and_vouchers(shop):
     assert len(mine) == 1 and mine[0]["status"] == "succeeded"
     assert "member_id" not in json.dumps(mine)  # teammates show as nickname and avatar only
     assert shop.client.get("/v1/member/vouchers").status_code == 401
+
+
+# ── pay to join ───────────────────────────────────────────────────────────────────────────
+PAY = {"join_mode": "pay", "price_fen": 2400, "discount_percent": None, "voucher": None}
+
+
+def paid(shop: Shop, openid: str, team: str, order: str, amount: int = 2400) -> Any:
+    r = shop.shop.send(event("order.paid", openid, order_id=order, amount_fen=amount, team_id=team))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_pay_to_join_holds_seats_releases_unpaid_ones_and_refunds_a_late_payer(engine, clock):
+    shop = Shop(engine, clock, lunch(**PAY))
+    ann, bea, cai, dan = (shop.login(o) for o in ("ann", "bea", "cai", "dan"))
+    r = shop.open(ann)
+    team = r.json()["result"]["team"]
+    assert team["members"][0]["paid"] is False and team["members"][0]["hold_until"]
+    assert funnel_state(r) == ("in_group", "acquire")  # nothing moves before the payment
+    body = paid(shop, "ann", team["id"], "o-ann")
+    assert body["result"]["outcome"] == "confirmed"
+    assert shop.states()["ann"] == "teaming"
+
+    assert shop.join(bea, team["id"]).json()["result"]["outcome"] == "held"
+    shop.clock.advance(timedelta(minutes=15))  # bea's payment window passes unpaid
+    released = [r for r in shop.sweep() if r.body["type"] == "groupbuy.hold_expired"]
+    assert [r.body["result"]["outcome"] for r in released] == ["released"]
+    cai, dan = shop.login("cai", in_group=False), shop.login("dan", in_group=False)
+    shop.join(cai, team["id"])
+    r = shop.join(dan, team["id"])
+    assert r.json()["result"]["team"]["seats_left"] == 0  # held seats count: full
+    refused(shop.join(shop.login("eve"), team["id"]), "team_full")
+
+    late = paid(shop, "bea", team["id"], "o-bea")  # bea pays after losing her seat
+    assert late["result"] == {
+        "outcome": "refunded",
+        "reason": "team_full",
+        "team": late["result"]["team"],
+    }
+    assert late["result"]["team"]["seats_taken"] == 3  # never overfull
+    [refund] = shop.outbox("refund")
+    assert refund["params"]["order_id"] == "o-bea"
+    assert refund["params"]["idempotency_key"] == "o-bea" and refund["params"]["amount_fen"] == 2400
+    assert shop.outbox("fulfil_order") == []  # nothing is fulfilled before the team succeeds
+
+    paid(shop, "cai", team["id"], "o-cai")
+    done = paid(shop, "dan", team["id"], "o-dan")
+    assert done["result"]["team"]["status"] == "succeeded"
+    fulfil = shop.outbox("fulfil_order")
+    assert sorted(p["params"]["order_id"] for p in fulfil) == ["o-ann", "o-cai", "o-dan"]
+    assert shop.states() == {
+        "ann": "activated",
+        "bea": "in_group",
+        "cai": "activated",
+        "dan": "activated",
+        "eve": "in_group",
+    }
+    again = paid(shop, "dan", team["id"], "o-dan")  # the shop repeats itself (new webhook-id)
+    assert again["result"]["outcome"] == "already_confirmed"
+    assert len(shop.outbox("refund")) == 1
+
+
+def test_a_late_payment_opens_a_new_team_when_the_campaign_says_so(engine, clock):
+    shop = Shop(engine, clock, lunch(**PAY, on_late_payment="new_team", max_teams_led_per_member=2))
+    ann, bea = shop.login("ann"), shop.login("bea")
+    team = shop.open(ann).json()["result"]["team"]["id"]
+    shop.join(bea, team)
+    shop.clock.advance(timedelta(minutes=16))
+    shop.sweep()  # both holds released; the lone leader's team is cancelled
+    body = paid(shop, "bea", team, "o-bea")
+    assert body["result"]["outcome"] == "new_team" and body["result"]["reason"] == "team_cancelled"
+    fresh = body["result"]["team"]
+    assert fresh["id"] != team and fresh["members"][0]["role"] == "leader"
+    assert fresh["members"][0]["paid"] is True
+    assert shop.outbox("refund") == []
+
+
+def test_a_failed_paid_team_refunds_every_payer_once(engine, clock):
+    """…and refunds the payment system never acknowledges are listed for manual handling."""
+    shop = Shop(engine, clock, lunch(**PAY))
+    ann, bea = shop.login("ann"), shop.login("bea")
+    team = shop.open(ann).json()["result"]["team"]
+    paid(shop, "ann", team["id"], "o-ann")
+    shop.join(bea, team["id"])
+    paid(shop, "bea", team["id"], "o-bea")
+    shop.clock.set(datetime.fromisoformat(team["deadline"]))
+    shop.sweep()
+    shop.sweep()
+    refunds = shop.outbox("refund")
+    assert sorted((p["params"]["order_id"], p["params"]["reason"]) for p in refunds) == [
+        ("o-ann", "deadline_short"),
+        ("o-bea", "deadline_short"),
+    ]
+    refunds_fail = Receiver(refuse=lambda action: action["type"] == "refund")
+    with refunds_fail as payments:  # messages arrive; the payment integration is down for good
+        r = shop.client.put("/v1/action-endpoint", json={"url": payments.url}, headers=shop.admin)
+        assert r.status_code == 200, r.text
+        for wait in (0, *BACKOFF):
+            shop.clock.advance(timedelta(seconds=wait))
+            while deliver(shop.app):
+                pass
+        tried = [
+            c["body"]["params"]["idempotency_key"]
+            for c in payments.calls
+            if c["body"]["type"] == "refund"
+        ]
+    assert sorted(set(tried)) == ["o-ann", "o-bea"] and len(tried) == 2 * MAX_ATTEMPTS
+    r = shop.client.get(
+        "/v1/deliveries", params={"type": "refund", "status": "dead"}, headers=shop.admin
+    )
+    dead = [
+        shop.client.get(f"/v1/deliveries/{d['id']}", headers=shop.admin).json() for d in r.json()
+    ]
+    assert sorted(d["payload"]["params"]["order_id"] for d in dead) == ["o-ann", "o-bea"]
+
+
+def test_a_tiered_team_settles_its_price_at_the_deadline_and_refunds_the_difference(engine, clock):
+    tiers = [{"min_size": 3, "price_fen": 2000}, {"min_size": 4, "price_fen": 1800}]
+    shop = Shop(engine, clock, lunch(**PAY, tiers=tiers, max_size=5, team_size=2))
+    members = [shop.login(o) for o in ("ann", "bea", "cai", "dan")]
+    team = shop.open(members[0]).json()["result"]["team"]
+    assert team["team_size"] == 5 and team["min_size"] == 2
+    paid(shop, "ann", team["id"], "o-ann")
+    for name, auth in zip(("bea", "cai", "dan"), members[1:], strict=True):
+        shop.join(auth, team["id"])
+        paid(shop, name, team["id"], f"o-{name}")
+    shop.clock.set(datetime.fromisoformat(team["deadline"]))
+    [settled] = [r for r in shop.sweep() if r.body["type"] == "groupbuy.deadline"]
+    assert settled.body["result"]["team"]["status"] == "succeeded"
+    assert settled.body["result"]["team"]["price_fen"] == 1800  # 4 members reached tier 2
+    partial = shop.outbox("refund")
+    assert len(partial) == 4 and {p["params"]["amount_fen"] for p in partial} == {600}
+    assert {p["params"]["idempotency_key"] for p in partial} == {
+        f"o-{n}:tier" for n in ("ann", "bea", "cai", "dan")
+    }
+
+
+# ── the same steps from the merchant's backend ────────────────────────────────────────────
+def test_teams_can_be_driven_by_webhooks_from_the_merchants_backend(shop):
+    for openid in ("ann", "bea", "cai"):
+        shop.login(openid)
+    backend = Source(shop.client, shop.admin, shop.clock, "mini-backend")
+    r = backend.send(event("groupbuy.open", "ann", funnel="office-lunch", campaign="lunch-team"))
+    assert r.status_code == 200, r.text
+    team = r.json()["result"]["team"]["id"]
+    assert backend.send(event("groupbuy.join", "bea", team=team)).status_code == 200
+    r = backend.send(event("groupbuy.join", "cai", team=team), msg_id="join-cai")
+    assert r.json()["result"]["team"]["status"] == "succeeded"
+    again = backend.send(event("groupbuy.join", "cai", team=team), msg_id="join-cai")
+    assert again.content == r.content and again.headers["idempotent-replayed"] == "true"
+    r = backend.send(event("groupbuy.join", "dan", team=team))
+    assert r.status_code == 409 and r.json()["code"] == "team_closed"
+    r = backend.send(event("groupbuy.join", "dan"))
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "data.team"
+    assert shop.states() == {"ann": "activated", "bea": "activated", "cai": "activated"}

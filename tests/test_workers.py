@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import os
 import subprocess
@@ -15,7 +14,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from standardwebhooks.webhooks import Webhook
 
 from app.clock import FrozenClock
 from app.events.dispatch import Inbound, apply_batch
@@ -27,7 +25,7 @@ from app.outbox.models import Outbox
 from app.timers.models import Timer
 from tests.conftest import Client, Source, app_for, event, new_tenant
 from tests.factories import welcome
-from tests.servers import LocalServer, read_body
+from tests.servers import Receiver
 
 
 def count(engine, model, *where) -> int:
@@ -98,57 +96,6 @@ def test_backoff_spans_more_than_a_day_then_dead_letters():
 
 
 # ── a real receiver ───────────────────────────────────────────────────────────────────────
-class Receiver:
-    """A second uvicorn server on 127.0.0.1 that verifies signatures and answers with
-    `script` statuses first (then 200)."""
-
-    def __init__(self, script: list[int] | None = None) -> None:
-        self.script = list(script or [])
-        self.calls: list[dict[str, Any]] = []
-        self.secrets: list[str] = []
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
-                return
-            body = await read_body(receive)
-            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-            status = self.script.pop(0) if self.script else 200
-            self.calls.append(
-                {
-                    "headers": headers,
-                    "raw": body,
-                    "body": json.loads(body),
-                    "valid": self.verify(headers, body),
-                }
-            )
-            await send({"type": "http.response.start", "status": status, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-
-        self.server = LocalServer(app)
-
-    def verify(self, headers: dict[str, str], body: bytes) -> bool:
-        """Standard Webhooks verification with the secrets this receiver holds (the
-        timestamp's freshness is the receiver's policy; tests move the service clock)."""
-        ts = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
-        presented = [s.split(",", 1)[1] for s in headers["webhook-signature"].split()]
-        for secret in self.secrets:
-            expected = Webhook(secret).sign(headers["webhook-id"], ts, body.decode()).split(",")[1]
-            if any(hmac.compare_digest(expected, p) for p in presented):
-                return True
-        return False
-
-    @property
-    def url(self) -> str:
-        return f"{self.server.base_url}/actions"
-
-    def __enter__(self) -> Receiver:
-        self.server.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.stop()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     with Receiver() as r:

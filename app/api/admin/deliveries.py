@@ -179,6 +179,15 @@ def list_deliveries(
     session: SessionDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
     member_id: int | None = None,
+    type_: Annotated[
+        str | None,
+        Query(
+            alias="type",
+            max_length=64,
+            description="an action type: `?type=refund&status=dead` lists the refunds that "
+            "were never acknowledged, for manual handling",
+        ),
+    ] = None,
     before: Annotated[
         str | None,
         Query(pattern=r"^(act_)?[0-9]{1,18}$", description="a delivery id: older ones only"),
@@ -191,6 +200,8 @@ def list_deliveries(
         query = query.where(Outbox.status == status_)
     if member_id is not None:
         query = query.where(Outbox.member_id == member_id)
+    if type_:
+        query = query.where(Outbox.type == type_)
     if before:
         query = query.where(col(Outbox.id) < int(before.removeprefix("act_")))
     rows = session.exec(query.order_by(col(Outbox.id).desc()).limit(limit)).all()
