@@ -1,0 +1,146 @@
+"""Limited resources under real concurrency on PostgreSQL: many threads, each with its own
+connection, released together by a barrier, each applying its command through the write
+path (`apply_batch`: its own transaction, deadlock retry and all).
+
+- 200 members join one team of 3 at the same instant: exactly 2 get in, 198 get a 409;
+- 200 members open teams of a stock-limited campaign at once: never more than the stock;
+- 20 tills redeem one voucher at once: exactly one succeeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from app.db import make_engine, session_scope
+from app.events.dispatch import Inbound, Reply, apply_batch
+from app.funnels.service import publish
+from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
+from app.mechanics.vouchers.models import Voucher
+from tests.conftest import FUNNELS, _truncate, new_tenant
+from tests.test_groupbuy import OPENS
+
+pytestmark = pytest.mark.postgres
+LUNCH = json.loads((FUNNELS / "office-lunch.json").read_text())
+CROWD = 200
+
+
+@pytest.fixture
+def pg(postgres_url: str) -> Iterator[Engine]:
+    # 60 connections for 200 threads: each waits for one, then races on the row locks.
+    engine = make_engine(postgres_url, pool_size=60, max_overflow=0)
+    try:
+        yield engine
+    finally:
+        _truncate(engine)
+        engine.dispose()
+
+
+def setup(engine: Engine, **campaign: Any) -> int:
+    doc = copy.deepcopy(LUNCH)
+    doc["mechanics"]["groupbuy"]["lunch-team"].update(campaign)
+    tenant_id, _ = new_tenant(engine, "lunch")
+    with session_scope(engine) as session:
+        publish(session, tenant_id, "office-lunch", doc, OPENS)
+    members = [
+        Inbound(tenant_id, "bot", "member.joined", member={"id": f"m{i}"}) for i in range(CROWD + 1)
+    ]
+    assert all(r.ok for r in apply_batch(engine, members, OPENS))
+    return tenant_id
+
+
+def command(tenant_id: int, kind: str, member: str | None, **data: Any) -> Inbound:
+    return Inbound(tenant_id, "test", kind, data=data, member={"id": member} if member else None)
+
+
+def race(engine: Engine, items: list[Inbound]) -> list[Reply]:
+    """Apply every item in its own thread and transaction, all released at once."""
+    barrier = threading.Barrier(len(items))
+
+    def go(item: Inbound) -> Reply:
+        barrier.wait()
+        [reply] = apply_batch(engine, [item], OPENS)
+        return reply
+
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(go, items))
+
+
+def outcomes(replies: list[Reply]) -> Counter[str]:
+    return Counter("ok" if r.ok else f"{r.status}:{r.error.code}" for r in replies)  # type: ignore[union-attr]
+
+
+def scalar(engine: Engine, query: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(query).scalar_one()
+
+
+def open_team(engine: Engine, tenant_id: int, member: str = "m0") -> str:
+    [r] = apply_batch(
+        engine,
+        [command(tenant_id, "groupbuy.open", member, funnel="office-lunch", campaign="lunch-team")],
+        OPENS,
+    )
+    assert r.ok, r.error
+    return str(r.body["result"]["team"]["id"])
+
+
+def test_200_members_join_one_team_of_3_at_once(pg):
+    tenant_id = setup(pg)
+    team = open_team(pg, tenant_id)
+    joins = [command(tenant_id, "groupbuy.join", f"m{i}", team=team) for i in range(1, CROWD + 1)]
+    counts = outcomes(race(pg, joins))
+    assert counts["ok"] == 2, counts
+    assert counts["ok"] + counts["409:team_full"] + counts["409:team_closed"] == CROWD, counts
+    assert scalar(pg, select(Team.seats_taken)) == 3  # type: ignore[call-overload]
+    assert scalar(pg, select(Team.status)) == "succeeded"  # type: ignore[call-overload]
+    assert scalar(pg, select(func.count()).select_from(Seat)) == 3
+    assert scalar(pg, select(func.count()).select_from(Voucher)) == 3
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [({"stock_teams": 5}, "sold_out"), ({"max_open_teams": 4}, "too_many_open_teams")],
+)
+def test_200_members_open_teams_of_a_limited_campaign_at_once(pg, limit, reason):
+    tenant_id = setup(pg, **limit)
+    opens = [
+        command(tenant_id, "groupbuy.open", f"m{i}", funnel="office-lunch", campaign="lunch-team")
+        for i in range(1, CROWD + 1)
+    ]
+    counts = outcomes(race(pg, opens))
+    allowed = next(iter(limit.values()))
+    assert counts == Counter({"ok": allowed, f"409:{reason}": CROWD - allowed}), counts
+    assert scalar(pg, select(func.count()).select_from(Team)) == allowed
+    used = scalar(pg, select(CampaignCounter.teams_used))  # type: ignore[call-overload]
+    assert used == allowed and scalar(pg, select(CampaignCounter.teams_open)) == allowed  # type: ignore[call-overload]
+
+
+def test_seat_stock_holds_when_many_join_many_teams_at_once(pg):
+    tenant_id = setup(pg, stock_seats=10)
+    teams = [open_team(pg, tenant_id, f"m{i}") for i in range(4)]  # 4 seats taken
+    joins = [command(tenant_id, "groupbuy.join", f"m{i}", team=teams[i % 4]) for i in range(4, 104)]
+    counts = outcomes(race(pg, joins))
+    assert counts["ok"] == 6, counts  # 10 seats in all; never negative, never more
+    assert scalar(pg, select(CampaignCounter.seats_used)) <= 10  # type: ignore[call-overload]
+    assert scalar(pg, select(func.sum(Team.seats_taken))) == 10  # type: ignore[call-overload]
+
+
+def test_20_tills_redeem_one_voucher_at_once(pg):
+    tenant_id = setup(pg)
+    team = open_team(pg, tenant_id)
+    for m in ("m1", "m2"):
+        [r] = apply_batch(pg, [command(tenant_id, "groupbuy.join", m, team=team)], OPENS)
+        assert r.ok, r.error
+    code = scalar(pg, select(Voucher.code).limit(1))  # type: ignore[call-overload]
+    tills = [command(tenant_id, "voucher.redeem", None, code=code, till=f"t{i}") for i in range(20)]
+    counts = outcomes(race(pg, tills))
+    assert counts == Counter({"ok": 1, "409:voucher_already_redeemed": 19}), counts
