@@ -333,13 +333,13 @@ def join(ctx: Context) -> Effects:
     m = _member(ctx)
     _, cfg = team_config(ctx.conn, team)
     seat = _seat_of(ctx.conn, team.id, m.id)
+    _refuse_closed(team, ctx.now)
     if seat is not None and seat.status in (HELD, ACTIVE):
         raise Refused(
             rules.ALREADY_JOINED,
             f"you are already in team {team.public_id}"
             + (" (your seat waits for its payment)" if seat.status == HELD else ""),
         )
-    _refuse_closed(team, ctx.now)
     _check_member_limits(ctx, m.id, team.funnel_id, team.campaign, cfg, MEMBER)
     pay = cfg.join_mode == "pay"
     _take_seat(ctx, team, cfg)
