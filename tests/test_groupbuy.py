@@ -527,3 +527,29 @@ def test_teams_can_be_driven_by_webhooks_from_the_merchants_backend(shop):
     r = backend.send(event("groupbuy.join", "dan"))
     assert r.status_code == 422 and r.json()["errors"][0]["path"] == "data.team"
     assert shop.states() == {"ann": "activated", "bea": "activated", "cai": "activated"}
+
+
+def test_new_customers_only_join_limits_and_a_leader_price(engine, clock):
+    shop = Shop(
+        engine,
+        clock,
+        lunch(
+            new_customers_only=True,
+            max_teams_joined_per_member=1,
+            price_fen=2400,
+            discount_percent=None,
+            leader_price_fen=1900,
+        ),
+    )
+    ann, bea, cai, dan = (shop.login(o) for o in ("ann", "bea", "cai", "dan"))
+    assert (
+        shop.shop.send(event("order.paid", "cai", order_id="o-old", amount_fen=3000)).status_code
+        == 200
+    )  # cai is a customer already
+    team = shop.open(ann).json()["result"]["team"]
+    assert team["price_fen"] == 2400 and team["leader_price_fen"] == 1900
+    refused(shop.join(cai, team["id"]), "new_customers_only")  # 老带新: the leader may be old
+    assert shop.join(bea, team["id"]).status_code == 200
+    assert shop.join(dan, team["id"]).status_code == 200  # succeeded
+    second = shop.open(cai).json()["result"]["team"]["id"]
+    refused(shop.join(bea, second), "join_limit_reached")  # bea joined one team already

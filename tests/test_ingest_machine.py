@@ -36,7 +36,8 @@ from app.funnels.models import StageHistory
 from app.outbox.models import Outbox
 from tests.conftest import T0, Client, Source, _truncate, app_for, event, new_tenant
 from tests.factories import welcome
-from tests.test_workers import Receiver, deliver
+from tests.servers import Receiver
+from tests.test_workers import deliver
 
 MEMBERS = ("m1", "m2", "m3")
 EVENTS = {
