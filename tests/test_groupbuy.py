@@ -553,3 +553,23 @@ def test_new_customers_only_join_limits_and_a_leader_price(engine, clock):
     assert shop.join(dan, team["id"]).status_code == 200  # succeeded
     second = shop.open(cai).json()["result"]["team"]["id"]
     refused(shop.join(bea, second), "join_limit_reached")  # bea joined one team already
+
+
+def test_a_second_payment_and_a_payment_after_the_campaign_are_refunded(engine, clock):
+    shop = Shop(engine, clock, lunch(**PAY, on_late_payment="new_team"))
+    ann, bea = shop.login("ann"), shop.login("bea")
+    team = shop.open(ann).json()["result"]["team"]
+    paid(shop, "ann", team["id"], "o-ann")
+    twice = paid(shop, "ann", team["id"], "o-ann-2")
+    assert (twice["result"]["outcome"], twice["result"]["reason"]) == ("refunded", "already_paid")
+    shop.join(bea, team["id"])
+    shop.clock.set(datetime(2026, 12, 4, tzinfo=UTC))  # past the campaign: the team failed
+    shop.sweep()
+    late = paid(shop, "bea", team["id"], "o-bea")  # no new team can open now: refunded
+    assert (late["result"]["outcome"], late["result"]["reason"]) == ("refunded", "team_failed")
+    assert sorted(p["params"]["order_id"] for p in shop.outbox("refund")) == [
+        "o-ann",
+        "o-ann-2",
+        "o-bea",
+    ]
+    assert shop.count(Team) == 1

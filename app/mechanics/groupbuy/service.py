@@ -556,34 +556,66 @@ def pay(ctx: Context) -> Effects:
         effects.result = {"outcome": "already_confirmed"}
     elif seat is not None and seat.status == HELD and team.status == OPEN:
         _confirm(ctx, team, cfg, seat.id, seat.role, paid, effects)
-    elif team.status == OPEN and ctx.now < team.deadline and _free_seat(ctx, team, m.id, cfg):
-        seat_id = _put_seat(
-            ctx,
-            team,
-            m.id,
-            seat,
-            {
-                "status": HELD,
-                "live_key": _campaign_key(team.funnel_id, team.campaign),
-                "role": MEMBER,
-                "price_fen": rules.seat_price(cfg, MEMBER),
-                "joined_at": ctx.now,
-                "hold_until": None,
-                "ended_at": None,
-            },
-        )
-        _confirm(ctx, team, cfg, seat_id, MEMBER, paid, effects)
-    else:
+    elif seat is not None and seat.status == ACTIVE:  # a second payment for one seat
+        _refund_payment(ctx, team, m.id, paid, "already_paid", effects)
+    elif not _retake_seat(ctx, team, cfg, m.id, seat, paid, effects):
         why = "team_full" if team.status == OPEN else f"team_{team.status}"
-        if _late_payment_opens_team(ctx, m.id, team, cfg):
-            opened = _open_paid(ctx, m, team, cfg, paid)
+        opened = _late_payment_team(ctx, m, team, cfg, paid)
+        if opened is not None:
             opened.result["outcome"] = "new_team"
             opened.result["reason"] = why
             return opened
-        effects.result = {"outcome": "refunded", "reason": why}
-        effects.actions.append(_refund(team, m.id, order_id, amount, why))
+        _refund_payment(ctx, team, m.id, paid, why, effects)
     effects.result["team"] = team_json(ctx.conn, _reload(ctx.conn, team.id), ctx.now)
     return effects
+
+
+def _refund_payment(
+    ctx: Context, team: Any, member_id: int, paid: dict[str, Any], why: str, effects: Effects
+) -> None:
+    effects.result = {"outcome": "refunded", "reason": why}
+    effects.actions.append(_refund(team, member_id, paid["order_id"], paid["amount_fen"], why))
+
+
+def _retake_seat(
+    ctx: Context,
+    team: Any,
+    cfg: GroupBuy,
+    member_id: int,
+    seat: Any,
+    paid: dict[str, Any],
+    effects: Effects,
+) -> bool:
+    """A payer whose hold was released takes a free seat of the team, if one is left (and
+    the campaign's stock allows: if not, this savepoint undoes the attempt)."""
+    if team.status != OPEN or ctx.now >= team.deadline:
+        return False
+    attempt = ctx.conn.begin_nested()
+    try:
+        if not _free_seat(ctx, team, member_id, cfg):
+            attempt.rollback()
+            return False
+    except Refused:
+        attempt.rollback()
+        return False
+    seat_id = _put_seat(
+        ctx,
+        team,
+        member_id,
+        seat,
+        {
+            "status": HELD,
+            "live_key": _campaign_key(team.funnel_id, team.campaign),
+            "role": MEMBER,
+            "price_fen": rules.seat_price(cfg, MEMBER),
+            "joined_at": ctx.now,
+            "hold_until": None,
+            "ended_at": None,
+        },
+    )
+    attempt.commit()
+    _confirm(ctx, team, cfg, seat_id, MEMBER, paid, effects)
+    return True
 
 
 def _free_seat(ctx: Context, team: Any, member_id: int, cfg: GroupBuy) -> bool:
@@ -596,20 +628,26 @@ def _free_seat(ctx: Context, team: Any, member_id: int, cfg: GroupBuy) -> bool:
     return True
 
 
-def _late_payment_opens_team(ctx: Context, member_id: int, team: Any, cfg: GroupBuy) -> bool:
-    if cfg.on_late_payment != "new_team" or rules.window_refusal(cfg, ctx.now) is not None:
-        return False
-    key = _campaign_key(team.funnel_id, team.campaign)
-    return _live_seat(ctx.conn, ctx.tenant_id, member_id, key) is None
-
-
-def _open_paid(ctx: Context, m: Any, team: Any, cfg: GroupBuy, paid: dict[str, Any]) -> Effects:
+def _late_payment_team(
+    ctx: Context, m: Any, team: Any, cfg: GroupBuy, paid: dict[str, Any]
+) -> Effects | None:
+    """With `on_late_payment: new_team`, open a team with the payer as its paid leader; if
+    that is refused too (campaign over, a limit, sold out), None: the payment is refunded."""
+    if cfg.on_late_payment != "new_team":
+        return None
     versions = {v.funnel_id: v for v in ctx.versions()}
     ref = versions.get(team.funnel_id) or store.version_ref(ctx.conn, team.version_id)
     current = store.compiled_version(ctx.conn, ref).definition.mechanics.groupbuy.get(
         team.campaign, cfg
     )
-    return _open(ctx, m, ref, team.campaign, current, paid=paid)
+    attempt = ctx.conn.begin_nested()
+    try:
+        opened = _open(ctx, m, ref, team.campaign, current, paid=paid)
+    except Refused:
+        attempt.rollback()
+        return None
+    attempt.commit()
+    return opened
 
 
 def _confirm(
