@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
 
 from app import problems
-from app.api import webhooks
+from app.api import solitaire, webhooks
 from app.api.admin import deliveries, funnels, keys, members, webhook_sources, wechat
 from app.api.admin import groupbuy as admin_groupbuy
 from app.api.health import router as health_router
@@ -94,6 +94,8 @@ def create_app(
         session.router,
         member_groupbuy.router,
         admin_groupbuy.router,
+        solitaire.admin,
+        solitaire.member,
     ):
         app.include_router(router)
 

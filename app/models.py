@@ -5,6 +5,7 @@ from app.events.models import EventLog, WebhookSource
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
 from app.identity.models import WeChatApp
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
+from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
 from app.mechanics.vouchers.models import Voucher
 from app.members.models import Member
 from app.outbox.models import ActionEndpoint, DeliveryAttempt, Outbox
@@ -23,6 +24,9 @@ __all__ = [
     "Member",
     "Outbox",
     "Seat",
+    "SolitaireLine",
+    "SolitaireList",
+    "SolitaireStock",
     "StageHistory",
     "Team",
     "Tenant",

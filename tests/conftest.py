@@ -144,6 +144,9 @@ class Client:
     def put(self, url: str, **kw: object) -> httpx.Response:
         return self.request("PUT", url, **kw)
 
+    def patch(self, url: str, **kw: object) -> httpx.Response:
+        return self.request("PATCH", url, **kw)
+
     def delete(self, url: str, **kw: object) -> httpx.Response:
         return self.request("DELETE", url, **kw)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from app.mechanics.commands import Handler
 from app.mechanics.groupbuy import service as groupbuy
+from app.mechanics.solitaire import service as solitaire
 from app.mechanics.vouchers import commands as vouchers
 
 COMMANDS: dict[str, Handler] = {
@@ -15,6 +16,14 @@ COMMANDS: dict[str, Handler] = {
     "groupbuy.cancel": groupbuy.cancel,
     "groupbuy.deadline": groupbuy.deadline,
     "groupbuy.hold_expired": groupbuy.hold_expired,
+    "solitaire.open": solitaire.open_list,
+    "solitaire.open_due": solitaire.open_due,
+    "solitaire.append": solitaire.append,
+    "solitaire.change": solitaire.change,
+    "solitaire.withdraw": solitaire.withdraw,
+    "solitaire.close": solitaire.close,
+    "solitaire.close_due": solitaire.close_due,
+    "solitaire.finish": solitaire.finish,
     "voucher.redeem": vouchers.redeem,
     "voucher.void": vouchers.void,
     "voucher.expire": vouchers.expire,

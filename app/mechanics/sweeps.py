@@ -22,6 +22,8 @@ from sqlalchemy.exc import OperationalError
 
 from app.events.dispatch import TIMER_SOURCE, BatchCache, Inbound, Reply, apply_one
 from app.mechanics.groupbuy.service import HELD, OPEN, seat_t, team_t
+from app.mechanics.solitaire.service import OPEN as LIST_OPEN
+from app.mechanics.solitaire.service import SCHEDULED, list_t
 from app.mechanics.vouchers.service import ISSUED, voucher_t
 from app.observability import Metrics
 
@@ -75,6 +77,19 @@ def _vouchers(now: datetime, limit: int) -> Select[Any]:
     )
 
 
+def _lists(status: str, due: Any) -> Callable[[datetime, int], Select[Any]]:
+    def query(now: datetime, limit: int) -> Select[Any]:
+        return (
+            select(list_t.c.id, list_t.c.tenant_id, due.label("due"))
+            .where(list_t.c.status == status, due <= now)
+            .order_by(due, list_t.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+
+    return query
+
+
 SWEEPS = (
     Sweep(
         "groupbuy_deadline",
@@ -91,6 +106,22 @@ SWEEPS = (
         seat_t.c.status == HELD,
         lambda r: {"seat_id": r.id},
         _holds,
+    ),
+    Sweep(
+        "solitaire_open",
+        "solitaire.open_due",
+        list_t.c.opens_at,
+        list_t.c.status == SCHEDULED,
+        lambda r: {"list_id": r.id},
+        _lists(SCHEDULED, list_t.c.opens_at),
+    ),
+    Sweep(
+        "solitaire_close",
+        "solitaire.close_due",
+        list_t.c.closes_at,
+        list_t.c.status == LIST_OPEN,
+        lambda r: {"list_id": r.id},
+        _lists(LIST_OPEN, list_t.c.closes_at),
     ),
     Sweep(
         "voucher_expiry",

@@ -1,0 +1,307 @@
+"""Solitaire lists (群接龙): the organiser's endpoints (tenant key) and the members' (token).
+
+Every change goes through the write path; reads use a read-only connection. The group text
+and the kitchen summary are rendered from the list as it stands (live lines, withdrawn
+numbers shown as withdrawn)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import AwareDatetime, BaseModel, Field
+from sqlalchemy import Engine, select
+
+from app.api.deps import MemberClaimsDep, TenantIdDep
+from app.api.submit import digest, submit
+from app.db import read_connection
+from app.errors import NotFound
+from app.events.dispatch import Inbound
+from app.mechanics.solitaire import rules
+from app.mechanics.solitaire.service import lines_of, list_json, list_t
+from app.problems import responses
+
+admin = APIRouter(prefix="/v1/solitaire", tags=["solitaire"], responses=responses(401))
+member = APIRouter(prefix="/v1/member/solitaire", tags=["member (mini-program)"])
+IdempotencyKey = Annotated[str | None, Header(max_length=200)]
+
+
+class OpenList(BaseModel):
+    group: str = Field(min_length=1, max_length=128, description="the chat group's id (opengid)")
+    funnel: str | None = Field(default=None, description="with campaign: the menu and rules")
+    campaign: str | None = None
+    definition: dict[str, Any] | None = Field(
+        default=None, description="a solitaire definition, as in a funnel's mechanics section"
+    )
+    title: str | None = Field(default=None, max_length=200)
+    opens_at: AwareDatetime | None = Field(default=None, description="default: now")
+    closes_at: AwareDatetime | None = Field(default=None, description="default: opens + open_for")
+
+
+class OrderedItem(BaseModel):
+    sku: str = Field(min_length=1, max_length=64)
+    qty: int = Field(default=1, ge=1, le=rules.MAX_QTY)
+
+
+class LineIn(BaseModel):
+    items: list[OrderedItem] = Field(default_factory=list, max_length=50)
+    note: str | None = Field(default=None, max_length=500)
+    pickup: str | None = Field(default=None, max_length=100)
+    address: str | None = Field(default=None, max_length=500)
+    on_behalf_of: str | None = Field(
+        default=None, max_length=100, description="a line added for someone else (marked so)"
+    )
+
+
+class LineChange(BaseModel):
+    items: list[OrderedItem] | None = Field(default=None, max_length=50)
+    note: str | None = Field(default=None, max_length=500)
+    pickup: str | None = Field(default=None, max_length=100)
+    address: str | None = Field(default=None, max_length=500)
+
+
+class Finish(BaseModel):
+    reason: str | None = Field(default=None, max_length=64)
+
+
+def _command(
+    tenant_id: int,
+    kind: str,
+    data: dict[str, Any],
+    key: str | None,
+    source: str,
+    member_id: int | None = None,
+) -> Inbound:
+    return Inbound(
+        tenant_id=tenant_id,
+        source=source,
+        type=kind,
+        data=data,
+        key=f"{member_id}:{key}" if key and member_id else key,
+        digest=digest(kind, data) if key else None,
+        member_id=member_id,
+    )
+
+
+def _json(body: BaseModel) -> dict[str, Any]:
+    return body.model_dump(mode="json", exclude_none=True)
+
+
+def _read(request: Request, tenant_id: int, public_id: str, render: Any) -> Any:
+    engine: Engine = request.app.state.engine
+
+    def read() -> Any:
+        with read_connection(engine) as conn:
+            sl = conn.execute(
+                select(list_t).where(
+                    list_t.c.public_id == public_id, list_t.c.tenant_id == tenant_id
+                )
+            ).first()
+            if sl is None:
+                raise NotFound(f'no solitaire list "{public_id}"')
+            return render(conn, sl)
+
+    return run_in_threadpool(read)
+
+
+# ── organiser ─────────────────────────────────────────────────────────────────────────────
+@admin.post("/lists", responses=responses(404, 409, 422))
+async def open_list(
+    body: OpenList, request: Request, tenant_id: TenantIdDep, idempotency_key: IdempotencyKey = None
+) -> Response:
+    """Open a list for a group now, or schedule it (`opens_at` later): from a funnel's
+    solitaire campaign (`funnel` + `campaign`) or a `definition` sent here."""
+    return await submit(
+        request, _command(tenant_id, "solitaire.open", _json(body), idempotency_key, "admin")
+    )
+
+
+@admin.get("/lists")
+async def find_lists(
+    request: Request,
+    tenant_id: TenantIdDep,
+    group: str | None = None,
+    status: Literal["scheduled", "open", "closed", "fulfilled", "cancelled"] | None = None,
+    limit: Annotated[int, Field(ge=1, le=200)] = 50,
+) -> dict[str, Any]:
+    engine: Engine = request.app.state.engine
+
+    def read() -> dict[str, Any]:
+        with read_connection(engine) as conn:
+            q = select(list_t).where(list_t.c.tenant_id == tenant_id)
+            if group is not None:
+                q = q.where(list_t.c.group_id == group)
+            if status is not None:
+                q = q.where(list_t.c.status == status)
+            rows = conn.execute(q.order_by(list_t.c.id.desc()).limit(limit)).all()
+            return {"lists": [list_json(conn, r, with_lines=False) for r in rows]}
+
+    return await run_in_threadpool(read)
+
+
+@admin.get("/lists/{list_id}", responses=responses(404))
+async def read_list(list_id: str, request: Request, tenant_id: TenantIdDep) -> dict[str, Any]:
+    return await _read(request, tenant_id, list_id, list_json)  # type: ignore[no-any-return]
+
+
+@admin.get("/lists/{list_id}/text", responses=responses(404))
+async def group_text(
+    list_id: str, request: Request, tenant_id: TenantIdDep, lang: Literal["zh", "en"] = "zh"
+) -> Response:
+    """The list as the plain text a bot posts (and updates) in the group."""
+    text = await _read(
+        request,
+        tenant_id,
+        list_id,
+        lambda conn, sl: rules.render_text(sl._mapping, lines_of(conn, sl.id), lang),
+    )
+    return Response(text, media_type="text/plain; charset=utf-8")
+
+
+@admin.get("/lists/{list_id}/summary", responses=responses(404))
+async def kitchen_summary(
+    list_id: str, request: Request, tenant_id: TenantIdDep, format: Literal["json", "csv"] = "json"
+) -> Response:
+    """Totals per item, per pickup point and per member; `format=csv` is UTF-8 with a BOM."""
+    summary = await _read(
+        request,
+        tenant_id,
+        list_id,
+        lambda conn, sl: {
+            "list": sl.public_id,
+            "status": sl.status,
+            **rules.kitchen(sl.items, lines_of(conn, sl.id), sl.options.get("unmade") or ()),
+        },
+    )
+    if format == "csv":
+        return Response(
+            rules.kitchen_csv(summary),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{list_id}.csv"'},
+        )
+    return Response(orjson.dumps(summary), media_type="application/json")
+
+
+def _finish_route(kind: str, to: str | None) -> Any:
+    async def route(
+        list_id: str,
+        request: Request,
+        tenant_id: TenantIdDep,
+        idempotency_key: IdempotencyKey = None,
+        body: Annotated[Finish | None, Body()] = None,
+    ) -> Response:
+        data: dict[str, Any] = {"list": list_id, "reason": body.reason if body else None}
+        if to is not None:
+            data["to"] = to
+        return await submit(request, _command(tenant_id, kind, data, idempotency_key, "admin"))
+
+    return route
+
+
+admin.add_api_route(
+    "/lists/{list_id}/close",
+    _finish_route("solitaire.close", None),
+    methods=["POST"],
+    summary="Close the list now (members with lines get solitaire.closed and order.placed)",
+    responses=responses(404, 409),
+)
+admin.add_api_route(
+    "/lists/{list_id}/fulfil",
+    _finish_route("solitaire.finish", "fulfilled"),
+    methods=["POST"],
+    summary="Mark a closed list as served",
+    responses=responses(404, 409),
+)
+admin.add_api_route(
+    "/lists/{list_id}/cancel",
+    _finish_route("solitaire.finish", "cancelled"),
+    methods=["POST"],
+    summary="Cancel a list (members with lines get solitaire.cancelled)",
+    responses=responses(404, 409),
+)
+
+
+# ── members ───────────────────────────────────────────────────────────────────────────────
+@member.get("/{list_id}", responses=responses(401, 404))
+async def member_read(list_id: str, request: Request, claims: MemberClaimsDep) -> dict[str, Any]:
+    """The list with its numbered lines (nicknames, not member ids); `mine` marks yours."""
+
+    def render(conn: Any, sl: Any) -> dict[str, Any]:
+        out = list_json(conn, sl, with_lines=False)
+        lines = lines_of(conn, sl.id)
+        out["lines"] = [
+            {
+                **{k: v for k, v in x.items() if k != "member_id"},
+                "mine": x["member_id"] == claims.member_id,
+            }
+            for x in lines
+        ]
+        return out
+
+    return await _read(request, claims.tenant_id, list_id, render)  # type: ignore[no-any-return]
+
+
+@member.post("/{list_id}/lines", responses=responses(401, 404, 409, 422, 429))
+async def append_line(
+    list_id: str,
+    body: LineIn,
+    request: Request,
+    claims: MemberClaimsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Append a line; its number is the next one. 409 codes: `sold_out` (with what is still
+    available), `joining_closed`, `list_not_open`, `line_limit_reached`, `item_limit_reached`."""
+    request.app.state.rate_limiter.check(claims.tenant_id)
+    data = {"list": list_id, **_json(body)}
+    return await submit(
+        request,
+        _command(
+            claims.tenant_id, "solitaire.append", data, idempotency_key, "member", claims.member_id
+        ),
+    )
+
+
+@member.patch("/{list_id}/lines/{line}", responses=responses(401, 404, 409, 422, 429))
+async def change_line(
+    list_id: str,
+    line: int,
+    body: LineChange,
+    request: Request,
+    claims: MemberClaimsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Change your own line until the edit deadline (`editing_closed` after it)."""
+    request.app.state.rate_limiter.check(claims.tenant_id)
+    data = {"list": list_id, "line": line, **body.model_dump(mode="json", exclude_unset=True)}
+    return await submit(
+        request,
+        _command(
+            claims.tenant_id, "solitaire.change", data, idempotency_key, "member", claims.member_id
+        ),
+    )
+
+
+@member.post("/{list_id}/lines/{line}/withdraw", responses=responses(401, 404, 409, 429))
+async def withdraw_line(
+    list_id: str,
+    line: int,
+    request: Request,
+    claims: MemberClaimsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Withdraw your own line: its number stays, shown as withdrawn; its stock returns."""
+    request.app.state.rate_limiter.check(claims.tenant_id)
+    data = {"list": list_id, "line": line}
+    return await submit(
+        request,
+        _command(
+            claims.tenant_id,
+            "solitaire.withdraw",
+            data,
+            idempotency_key,
+            "member",
+            claims.member_id,
+        ),
+    )

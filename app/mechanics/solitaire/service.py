@@ -1,0 +1,555 @@
+"""Solitaire commands, run inside the write path (see `app.mechanics.commands`).
+
+Every change to a list locks its row first (`FOR UPDATE`), then the member: appends to one
+list are serialized, so line numbers come from `last_seq + 1` with no gaps or duplicates (a
+refused append rolls back with its savepoint, number included), and stock is reserved with a
+conditional `UPDATE … WHERE reserved + qty <= stock` per item.
+
+Closing (at `closes_at` by the sweep, by the organiser, or when everything is sold out) drops
+items short of their minimum, cancels a list under its minimum total, and otherwise emits,
+for each member with live lines, `solitaire.closed` and one `order.placed` whose `sequence` is
+the member's place among the list's orders (1 = first, withdrawn lines do not count) — what a
+funnel guard such as `event.sequence <= 20` reads for the early-order incentive.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import Connection, Table, select, update
+
+from app.engine.definition import Solitaire
+from app.engine.paths import pydantic_loc_to_path, suggest
+from app.engine.schedule import parse_duration
+from app.errors import Conflict, FieldProblem, NotFound
+from app.events.ingest import InvalidEvent
+from app.funnels import store
+from app.mechanics.commands import Context, DirectAction, Effects, Emit
+from app.mechanics.solitaire import rules
+from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
+from app.mechanics.vouchers import service as vouchers
+from app.members.models import Member
+
+list_t: Table = SolitaireList.__table__  # type: ignore[attr-defined]
+line_t: Table = SolitaireLine.__table__  # type: ignore[attr-defined]
+stock_t: Table = SolitaireStock.__table__  # type: ignore[attr-defined]
+member_t: Table = Member.__table__  # type: ignore[attr-defined]
+
+SCHEDULED, OPEN, CLOSED, FULFILLED, CANCELLED = (
+    "scheduled",
+    "open",
+    "closed",
+    "fulfilled",
+    "cancelled",
+)
+LIVE, WITHDRAWN = "live", "withdrawn"
+
+
+class Refused(Conflict):
+    def __init__(self, reason: str, detail: str, errors: list[FieldProblem] | None = None) -> None:
+        super().__init__(detail, errors=errors)
+        self.code = reason
+
+
+# ── opening ───────────────────────────────────────────────────────────────────────────────
+def definition_from(ctx: Context) -> tuple[Solitaire, int | None, str | None]:
+    """The list's menu and rules: a funnel's campaign, or a definition sent with the command."""
+    data = ctx.data
+    if data.get("definition") is not None:
+        try:
+            return Solitaire.model_validate(data["definition"]), None, None
+        except ValidationError as exc:
+            problems = [
+                FieldProblem(pydantic_loc_to_path(("definition", *e["loc"])), e["msg"])
+                for e in exc.errors()
+            ]
+            raise InvalidEvent("the list definition is invalid", errors=problems) from None
+    funnel_key, name = str(data.get("funnel") or ""), str(data.get("campaign") or "")
+    versions = {v.key: v for v in ctx.versions()}
+    ref = versions.get(funnel_key)
+    if ref is None:
+        raise NotFound(f'no open funnel "{funnel_key}"{suggest(funnel_key, set(versions))}')
+    campaigns = store.compiled_version(ctx.conn, ref).definition.mechanics.solitaire
+    if name not in campaigns:
+        raise NotFound(
+            f'funnel "{funnel_key}" has no solitaire campaign "{name}"'
+            f"{suggest(name, set(campaigns))}"
+        )
+    return campaigns[name], ref.funnel_id, name
+
+
+def open_list(ctx: Context) -> Effects:
+    """`solitaire.open` (the organiser, or the schedule): a list for one chat group."""
+    cfg, funnel_id, campaign = definition_from(ctx)
+    opens_at = _when(ctx.data.get("opens_at")) or ctx.now
+    closes_at = _when(ctx.data.get("closes_at")) or opens_at + parse_duration(cfg.open_for)
+    join_until = opens_at + parse_duration(cfg.join_until) if cfg.join_until else closes_at
+    if closes_at <= opens_at:
+        raise InvalidEvent(
+            "closes_at must be after opens_at", errors=[FieldProblem("data.closes_at", "too early")]
+        )
+    items = [i.model_dump(mode="json") for i in cfg.items]
+    list_id = ctx.conn.execute(
+        list_t.insert()
+        .values(
+            public_id="sl_" + secrets.token_urlsafe(12),
+            tenant_id=ctx.tenant_id,
+            funnel_id=funnel_id,
+            campaign=campaign,
+            group_id=str(ctx.data["group"]),
+            title=str(ctx.data.get("title") or cfg.title),
+            note=cfg.note,
+            roster=cfg.roster,
+            items=items,
+            options={
+                "max_lines_per_member": cfg.max_lines_per_member,
+                "min_total_fen": cfg.min_total_fen,
+                "pickup_points": cfg.pickup_points,
+                "ask_address": cfg.ask_address,
+                "early_orders": cfg.early_orders,
+                "early_reward": cfg.early_reward.model_dump(mode="json")
+                if cfg.early_reward
+                else None,
+            },
+            status=OPEN if opens_at <= ctx.now else SCHEDULED,
+            opens_at=opens_at,
+            join_until=min(join_until, closes_at),
+            closes_at=closes_at,
+            created_at=ctx.now,
+        )
+        .returning(list_t.c.id)
+    ).scalar_one()
+    if items:
+        ctx.conn.execute(
+            stock_t.insert(),
+            [
+                {"list_id": list_id, "sku": i["sku"], "stock": i["stock"], "reserved": 0}
+                for i in items
+            ],
+        )
+    return Effects(
+        None, {"outcome": "opened", "list": list_json(ctx.conn, _get(ctx.conn, list_id))}
+    )
+
+
+def _when(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def open_due(ctx: Context) -> Effects:
+    """The sweep: a scheduled list whose opening time came."""
+    sl = ctx.conn.execute(
+        select(list_t).where(list_t.c.id == int(ctx.data["list_id"])).with_for_update()
+    ).first()
+    if sl is None or sl.status != SCHEDULED or sl.opens_at > ctx.now:
+        return Effects(None, {"outcome": "nothing_due"})
+    ctx.conn.execute(update(list_t).where(list_t.c.id == sl.id).values(status=OPEN))
+    return Effects(None, {"outcome": "opened", "list": list_json(ctx.conn, _get(ctx.conn, sl.id))})
+
+
+# ── entries ───────────────────────────────────────────────────────────────────────────────
+def _lock(ctx: Context, public_id: Any) -> Any:
+    sl = ctx.conn.execute(
+        select(list_t)
+        .where(list_t.c.public_id == str(public_id), list_t.c.tenant_id == ctx.tenant_id)
+        .with_for_update()
+    ).first()
+    if sl is None:
+        raise NotFound(f'no solitaire list "{public_id}"')
+    return sl
+
+
+def _get(conn: Connection, list_id: int) -> Any:
+    return conn.execute(select(list_t).where(list_t.c.id == list_id)).one()
+
+
+def _menu(sl: Any) -> dict[str, dict[str, Any]]:
+    return {i["sku"]: i for i in sl.items}
+
+
+def _member_lines(
+    conn: Connection, list_id: int, member_id: int, but: int | None = None
+) -> list[Any]:
+    q = select(line_t).where(
+        line_t.c.list_id == list_id, line_t.c.member_id == member_id, line_t.c.status == LIVE
+    )
+    if but is not None:
+        q = q.where(line_t.c.id != but)
+    return list(conn.execute(q).all())
+
+
+def _priced(sl: Any, data: dict[str, Any]) -> rules.Priced:
+    priced, problems = rules.price(_menu(sl), data.get("items") or [], sl.roster)
+    pickups = sl.options.get("pickup_points") or []
+    if pickups and data.get("pickup") is not None and data["pickup"] not in pickups:
+        problems.append(FieldProblem("data.pickup", "one of: " + ", ".join(pickups)))
+    if problems:
+        raise InvalidEvent(
+            "the line has problems: " + "; ".join(str(p) for p in problems[:3]), errors=problems
+        )
+    assert priced is not None
+    return priced
+
+
+def _reserve(ctx: Context, sl: Any, items: list[dict[str, Any]], sign: int) -> None:
+    """Reserve (sign=1) or release (sign=-1) stock; a shortfall is a 409 with what remains."""
+    for i in items:
+        qty = sign * i["qty"]
+        took = ctx.conn.execute(
+            update(stock_t)
+            .where(
+                stock_t.c.list_id == sl.id,
+                stock_t.c.sku == i["sku"],
+                (stock_t.c.stock.is_(None)) | (stock_t.c.reserved + qty <= stock_t.c.stock),
+            )
+            .values(reserved=stock_t.c.reserved + qty)
+        ).rowcount
+        if not took:
+            left = _available(ctx.conn, sl)
+            raise Refused(
+                rules.SOLD_OUT,
+                f"{i['name']}: only {left.get(i['sku'], 0)} left; still available: "
+                + (
+                    ", ".join(f"{_menu(sl)[s]['name']}×{n}" for s, n in left.items() if n) or "none"
+                ),
+                errors=[FieldProblem(f"available.{s}", f"{n} left") for s, n in left.items()],
+            )
+
+
+def _available(conn: Connection, sl: Any) -> dict[str, int]:
+    """What is left of each stocked item (items without stock are unlimited, not listed)."""
+    rows = conn.execute(
+        select(stock_t.c.sku, stock_t.c.stock, stock_t.c.reserved).where(stock_t.c.list_id == sl.id)
+    ).all()
+    return {r.sku: r.stock - r.reserved for r in rows if r.stock is not None}
+
+
+def _check_open(sl: Any, now: datetime, *, joining: bool) -> None:
+    if sl.status != OPEN:
+        raise Refused(rules.NOT_OPEN, f"the list is {sl.status}")
+    if joining and now >= sl.join_until:
+        raise Refused(rules.JOINING_CLOSED, f"new lines stopped at {sl.join_until.isoformat()}")
+    if now >= sl.closes_at:
+        raise Refused(rules.EDITING_CLOSED, f"the list closed at {sl.closes_at.isoformat()}")
+
+
+def append(ctx: Context) -> Effects:
+    """`solitaire.append`: a member adds a line (for themselves, or on behalf of someone)."""
+    sl = _lock(ctx, ctx.data["list"])
+    m = ctx.member()
+    _check_open(sl, ctx.now, joining=True)
+    priced = _priced(sl, ctx.data)
+    others = _member_lines(ctx.conn, sl.id, m.id)
+    refusal = rules.member_refusal(
+        sl.options, _menu(sl), [o.items for o in others], priced.items, adding=True
+    )
+    if refusal is not None:
+        raise Refused(*refusal)
+    _reserve(ctx, sl, priced.items, 1)
+    seq = ctx.conn.execute(
+        update(list_t)
+        .where(list_t.c.id == sl.id)
+        .values(last_seq=list_t.c.last_seq + 1)
+        .returning(list_t.c.last_seq)
+    ).scalar_one()
+    ctx.conn.execute(
+        line_t.insert().values(
+            tenant_id=ctx.tenant_id,
+            list_id=sl.id,
+            seq=seq,
+            member_id=m.id,
+            on_behalf_of=ctx.data.get("on_behalf_of"),
+            items=priced.items,
+            note=ctx.data.get("note"),
+            pickup=ctx.data.get("pickup"),
+            address=ctx.data.get("address"),
+            total_fen=priced.total_fen,
+            status=LIVE,
+            created_at=ctx.now,
+            updated_at=ctx.now,
+        )
+    )
+    effects = Effects(m.id, {"outcome": "appended", "line": seq})
+    left = _available(ctx.conn, sl)
+    if left and all(n <= 0 for n in left.values()) and len(left) == len(sl.items):
+        _close(ctx, _get(ctx.conn, sl.id), "sold_out", effects)
+    effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id))
+    return effects
+
+
+def _own_line(ctx: Context, sl: Any, member_id: int) -> Any:
+    seq = ctx.data.get("line")
+    line = ctx.conn.execute(
+        select(line_t).where(line_t.c.list_id == sl.id, line_t.c.seq == seq)
+    ).first()
+    if line is None:
+        raise NotFound(f"no line {seq} on this list")
+    if line.member_id != member_id:
+        raise Refused(rules.NOT_YOUR_LINE, f"line {seq} is not yours")
+    if line.status != LIVE:
+        raise Refused(rules.WITHDRAWN, f"line {seq} was withdrawn")
+    return line
+
+
+def change(ctx: Context) -> Effects:
+    """`solitaire.change`: a member changes their own line until the edit deadline."""
+    sl = _lock(ctx, ctx.data["list"])
+    m = ctx.member()
+    _check_open(sl, ctx.now, joining=False)
+    line = _own_line(ctx, sl, m.id)
+    kept = [{"sku": i["sku"], "qty": i["qty"]} for i in line.items]  # unless items change
+    priced = _priced(sl, {"pickup": line.pickup, "items": kept, **ctx.data})
+    others = _member_lines(ctx.conn, sl.id, m.id, but=line.id)
+    refusal = rules.member_refusal(
+        sl.options, _menu(sl), [o.items for o in others], priced.items, adding=False
+    )
+    if refusal is not None:
+        raise Refused(*refusal)
+    _reserve(ctx, sl, list(line.items), -1)
+    _reserve(ctx, sl, priced.items, 1)
+    values: dict[str, Any] = {"items": priced.items, "total_fen": priced.total_fen}
+    for key in ("note", "pickup", "address"):
+        if key in ctx.data:
+            values[key] = ctx.data[key]
+    ctx.conn.execute(
+        update(line_t).where(line_t.c.id == line.id).values(updated_at=ctx.now, **values)
+    )
+    return Effects(
+        m.id,
+        {
+            "outcome": "changed",
+            "line": line.seq,
+            "list": list_json(ctx.conn, _get(ctx.conn, sl.id)),
+        },
+    )
+
+
+def withdraw(ctx: Context) -> Effects:
+    """`solitaire.withdraw`: the line keeps its number, shown as withdrawn; stock returns."""
+    sl = _lock(ctx, ctx.data["list"])
+    m = ctx.member()
+    _check_open(sl, ctx.now, joining=False)
+    line = _own_line(ctx, sl, m.id)
+    _reserve(ctx, sl, list(line.items), -1)
+    ctx.conn.execute(
+        update(line_t).where(line_t.c.id == line.id).values(status=WITHDRAWN, updated_at=ctx.now)
+    )
+    return Effects(
+        m.id,
+        {
+            "outcome": "withdrawn",
+            "line": line.seq,
+            "list": list_json(ctx.conn, _get(ctx.conn, sl.id)),
+        },
+    )
+
+
+# ── closing ───────────────────────────────────────────────────────────────────────────────
+def close(ctx: Context) -> Effects:
+    """`solitaire.close` by the organiser (an open or scheduled list)."""
+    sl = _lock(ctx, ctx.data["list"])
+    if sl.status not in (OPEN, SCHEDULED):
+        raise Refused(rules.NOT_OPEN, f"the list is {sl.status}")
+    effects = Effects(None, {"outcome": "closed"})
+    _close(ctx, sl, str(ctx.data.get("reason") or "organiser")[:64], effects)
+    effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id))
+    return effects
+
+
+def close_due(ctx: Context) -> Effects:
+    """The sweep: an open list whose closing time came."""
+    sl = ctx.conn.execute(
+        select(list_t).where(list_t.c.id == int(ctx.data["list_id"])).with_for_update()
+    ).first()
+    if sl is None or sl.status != OPEN or sl.closes_at > ctx.now:
+        return Effects(None, {"outcome": "nothing_due"})
+    effects = Effects(None, {"outcome": "closed"})
+    _close(ctx, sl, "deadline", effects)
+    effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id))
+    return effects
+
+
+def _close(ctx: Context, sl: Any, reason: str, effects: Effects) -> None:
+    live = list(
+        ctx.conn.execute(
+            select(line_t)
+            .where(line_t.c.list_id == sl.id, line_t.c.status == LIVE)
+            .order_by(line_t.c.seq)
+        ).all()
+    )
+    plan = rules.plan_close(_menu(sl), sl.options, [(x.seq, x.items) for x in live], sl.roster)
+    status = CANCELLED if plan.cancel_reason and plan.cancel_reason != "no_orders" else CLOSED
+    ctx.conn.execute(
+        update(list_t)
+        .where(list_t.c.id == sl.id)
+        .values(
+            status=status,
+            closed_at=ctx.now,
+            close_reason=plan.cancel_reason if status == CANCELLED else reason,
+            options={**sl.options, "unmade": plan.unmade},
+        )
+    )
+    for x in live:
+        made = plan.lines[x.seq]
+        if made.items != list(x.items):
+            ctx.conn.execute(
+                update(line_t)
+                .where(line_t.c.id == x.id)
+                .values(items=made.items, total_fen=made.total_fen)
+            )
+    base = {"list": sl.public_id, "title": sl.title, "group_id": sl.group_id}
+    members: dict[int, list[Any]] = {}
+    for x in live:
+        members.setdefault(x.member_id, []).append(x)
+    if status == CANCELLED:
+        for member_id in members:
+            effects.emits.append(
+                Emit(member_id, "solitaire.cancelled", {**base, "reason": plan.cancel_reason})
+            )
+        return
+    for place, (member_id, mine) in enumerate(members.items(), start=1):
+        items: dict[str, int] = {}
+        for x in mine:
+            for i in plan.lines[x.seq].items:
+                items[i["sku"]] = items.get(i["sku"], 0) + i["qty"]
+        total = sum(plan.lines[x.seq].total_fen for x in mine)
+        effects.emits.append(Emit(member_id, "solitaire.closed", {**base, "sequence": place}))
+        if sl.options.get("early_orders") and place <= sl.options["early_orders"]:
+            _early_reward(ctx, sl, member_id, effects)
+        if total > 0 or sl.roster:
+            effects.emits.append(
+                Emit(
+                    member_id,
+                    "order.placed",
+                    {
+                        **base,
+                        "order_id": f"{sl.public_id}:{mine[0].seq}",
+                        "amount_fen": total,
+                        "items": [{"sku": s, "quantity": n} for s, n in items.items()],
+                        "sequence": place,
+                        "lines": [x.seq for x in mine],
+                        "channel": "solitaire",
+                    },
+                )
+            )
+
+
+def _early_reward(ctx: Context, sl: Any, member_id: int, effects: Effects) -> None:
+    """The campaign's own early-order reward (`early_orders` + `early_reward`), for funnels
+    that do not express it as a guard on `order.placed`."""
+    reward = sl.options.get("early_reward") or {}
+    source = f"solitaire.{sl.campaign or sl.public_id}"
+    if reward.get("voucher"):
+        v = reward["voucher"]
+        row, _ = vouchers.issue(
+            ctx.conn,
+            tenant_id=ctx.tenant_id,
+            member_id=member_id,
+            name=v["voucher"],
+            value_fen=v.get("value_fen"),
+            discount_percent=v.get("discount_percent"),
+            valid_for=parse_duration(v.get("valid_for", "P7D")),
+            origin=f"solitaire:{sl.id}:{member_id}:early",
+            mechanic=source,
+            funnel_id=sl.funnel_id,
+            now=ctx.now,
+        )
+        effects.emits.append(Emit(member_id, "voucher.issued", vouchers.event_data(row, source)))
+    if reward.get("points"):
+        params = {"points": reward["points"], "reason": "early solitaire order"}
+        effects.actions.append(DirectAction(member_id, "grant_points", params, source))
+    for action in reward.get("actions") or []:
+        params = {k: v for k, v in action.items() if k != "type"}
+        effects.actions.append(DirectAction(member_id, action["type"], params, source))
+
+
+def finish(ctx: Context) -> Effects:
+    """`solitaire.fulfil` (a closed list was served) or `solitaire.cancel` (by the organiser;
+    members with live lines are told)."""
+    sl = _lock(ctx, ctx.data["list"])
+    cancel = ctx.data.get("to") == CANCELLED
+    allowed = (SCHEDULED, OPEN, CLOSED) if cancel else (CLOSED,)
+    if sl.status not in allowed:
+        raise Refused(rules.NOT_OPEN, f"the list is {sl.status}")
+    effects = Effects(None, {"outcome": "cancelled" if cancel else "fulfilled"})
+    ctx.conn.execute(
+        update(list_t)
+        .where(list_t.c.id == sl.id)
+        .values(
+            status=CANCELLED if cancel else FULFILLED,
+            closed_at=sl.closed_at or ctx.now,
+            close_reason=str(ctx.data.get("reason") or "organiser")[:64]
+            if cancel
+            else sl.close_reason,
+        )
+    )
+    if cancel:
+        members = ctx.conn.execute(
+            select(line_t.c.member_id)
+            .where(line_t.c.list_id == sl.id, line_t.c.status == LIVE)
+            .distinct()
+        ).scalars()
+        for member_id in members:
+            effects.emits.append(
+                Emit(
+                    member_id, "solitaire.cancelled", {"list": sl.public_id, "reason": "organiser"}
+                )
+            )
+    effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id))
+    return effects
+
+
+# ── what callers see ──────────────────────────────────────────────────────────────────────
+def lines_of(conn: Connection, list_id: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(
+            line_t.c.seq,
+            line_t.c.status,
+            line_t.c["items"],
+            line_t.c.note,
+            line_t.c.pickup,
+            line_t.c.on_behalf_of,
+            line_t.c.total_fen,
+            line_t.c.member_id,
+            member_t.c.nickname,
+        )
+        .join(member_t, member_t.c.id == line_t.c.member_id)
+        .where(line_t.c.list_id == list_id)
+        .order_by(line_t.c.seq)
+    ).all()
+    return [dict(r._mapping) for r in rows]
+
+
+def list_json(conn: Connection, sl: Any, with_lines: bool = True) -> dict[str, Any]:
+    left = {
+        r.sku: (None if r.stock is None else r.stock - r.reserved)
+        for r in conn.execute(select(stock_t).where(stock_t.c.list_id == sl.id)).all()
+    }
+    out: dict[str, Any] = {
+        "id": sl.public_id,
+        "group_id": sl.group_id,
+        "title": sl.title,
+        "note": sl.note,
+        "roster": sl.roster,
+        "status": sl.status,
+        "opens_at": sl.opens_at.isoformat(),
+        "join_until": sl.join_until.isoformat(),
+        "closes_at": sl.closes_at.isoformat(),
+        "closed_at": sl.closed_at.isoformat() if sl.closed_at else None,
+        "close_reason": sl.close_reason,
+        "items": [{**i, "left": left.get(i["sku"])} for i in sl.items],
+        "pickup_points": sl.options.get("pickup_points") or [],
+        "lines_numbered": sl.last_seq,
+    }
+    if with_lines:
+        lines = lines_of(conn, sl.id)
+        out["lines"] = [{k: v for k, v in line.items() if k != "member_id"} for line in lines]
+        out["live_lines"] = sum(1 for line in lines if line["status"] == LIVE)
+    return out

@@ -1,0 +1,232 @@
+"""Solitaire ordering (群接龙) end to end over HTTP — SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from app.mechanics.vouchers.models import Voucher
+from tests.test_groupbuy import Shop, refused
+
+OPENS_1030 = datetime(2026, 12, 1, 2, 30, tzinfo=UTC)  # 10:30 in Shanghai
+MENU = {
+    "braised-pork": ("红烧肉饭", 3200),
+    "tomato-egg": ("番茄炒蛋饭", 2600),
+    "veg-set": ("素食套餐", 2400),
+}
+
+
+@pytest.fixture
+def shop(engine, clock) -> Shop:
+    return Shop(engine, clock)
+
+
+def open_list(shop: Shop, **body: Any) -> dict[str, Any]:
+    body = {"group": "g-lunch", "funnel": "office-lunch", "campaign": "lunch", **body}
+    r = shop.client.post("/v1/solitaire/lists", json=body, headers=shop.admin)
+    assert r.status_code == 200, r.text
+    return r.json()["result"]["list"]  # type: ignore[no-any-return]
+
+
+def append(shop: Shop, auth: dict[str, str], list_id: str, **line: Any) -> Any:
+    return shop.client.post(f"/v1/member/solitaire/{list_id}/lines", json=line, headers=auth)
+
+
+def test_a_scheduled_lunch_list_from_opening_to_the_kitchen(shop):
+    members = {f"w{i:02d}": shop.login(f"w{i:02d}") for i in range(30)}
+    sl = open_list(shop, opens_at=OPENS_1030.isoformat())
+    assert sl["status"] == "scheduled"
+    assert sl["closes_at"] == (OPENS_1030 + timedelta(minutes=30)).isoformat()
+    assert sl["join_until"] == (OPENS_1030 + timedelta(minutes=25)).isoformat()
+    first = members["w00"]
+    refused(append(shop, first, sl["id"], items=[{"sku": "veg-set"}]), "list_not_open")
+
+    shop.clock.set(OPENS_1030)
+    opened = [r for r in shop.sweep() if r.body["type"] == "solitaire.open_due"]
+    assert [r.body["result"]["outcome"] for r in opened] == ["opened"]
+
+    skus = list(MENU)
+    for n, auth in enumerate(members.values()):
+        shop.clock.advance(timedelta(seconds=20))
+        line = {"items": [{"sku": skus[n % 3], "qty": 1 + n % 2}], "pickup": "A座大堂"}
+        r = append(shop, auth, sl["id"], **line)
+        assert r.status_code == 200, r.text
+        assert r.json()["result"]["line"] == n + 1
+    # 3 change, 2 withdraw (their numbers stay, shown withdrawn)
+    for openid in ("w03", "w04", "w05"):
+        seq = int(openid[1:]) + 1
+        r = shop.client.patch(
+            f"/v1/member/solitaire/{sl['id']}/lines/{seq}",
+            json={"items": [{"sku": "braised-pork", "qty": 2}], "note": "少饭"},
+            headers=members[openid],
+        )
+        assert r.status_code == 200, r.text
+    for openid in ("w01", "w02"):
+        seq = int(openid[1:]) + 1
+        r = shop.client.post(
+            f"/v1/member/solitaire/{sl['id']}/lines/{seq}/withdraw", headers=members[openid]
+        )
+        assert r.status_code == 200, r.text
+    refused(  # someone else's line
+        shop.client.post(
+            f"/v1/member/solitaire/{sl['id']}/lines/1/withdraw", headers=members["w09"]
+        ),
+        "not_your_line",
+    )
+    shop.clock.set(OPENS_1030 + timedelta(minutes=25))  # new lines stop at 10:55
+    refused(append(shop, first, sl["id"], items=[{"sku": "veg-set"}]), "joining_closed")
+    r = shop.client.patch(  # edits still allowed until 11:00
+        f"/v1/member/solitaire/{sl['id']}/lines/1", json={"note": "不要香菜"}, headers=first
+    )
+    assert r.status_code == 200, r.text
+
+    shop.clock.set(OPENS_1030 + timedelta(minutes=30))
+    closed = [r for r in shop.sweep() if r.body["type"] == "solitaire.close_due"]
+    assert len(closed) == 1 and closed[0].body["result"]["list"]["status"] == "closed"
+
+    # the group text
+    text = shop.client.get(f"/v1/solitaire/lists/{sl['id']}/text", headers=shop.admin).text
+    lines = text.splitlines()
+    assert lines[0] == "#接龙 今日午餐接龙 [已截止]" and lines[1] == "11:30 前台自取"
+    assert lines[2] == "1. w00  红烧肉饭×1  A座大堂  不要香菜"
+    assert lines[3] == "2. (已撤回)" and lines[4] == "3. (已撤回)"
+    assert lines[5] == "4. w03  红烧肉饭×2  A座大堂  少饭"
+    assert lines[-1].startswith("合计: 共 28 单; ")
+    english = shop.client.get(
+        f"/v1/solitaire/lists/{sl['id']}/text", params={"lang": "en"}, headers=shop.admin
+    ).text
+    assert english.splitlines()[0] == "#Solitaire 今日午餐接龙 [closed]"
+    assert "2. (withdrawn)" in english and "28 orders" in english
+
+    # the kitchen summary: expected totals from what each member ordered
+    expected: dict[str, int] = {}
+    for n in range(30):
+        openid = f"w{n:02d}"
+        if openid in ("w01", "w02"):
+            continue
+        sku, qty = (
+            ("braised-pork", 2) if openid in ("w03", "w04", "w05") else (skus[n % 3], 1 + n % 2)
+        )
+        expected[sku] = expected.get(sku, 0) + qty
+    summary = shop.client.get(f"/v1/solitaire/lists/{sl['id']}/summary", headers=shop.admin).json()
+    assert {i["sku"]: i["quantity"] for i in summary["items"]} == expected
+    assert summary["lines"] == 28 and len(summary["members"]) == 28
+    assert summary["pickup_points"] == [{"pickup": "A座大堂", "items": expected}]
+    assert summary["total_fen"] == sum(MENU[s][1] * q for s, q in expected.items())
+    raw = shop.client.get(
+        f"/v1/solitaire/lists/{sl['id']}/summary", params={"format": "csv"}, headers=shop.admin
+    )
+    assert raw.headers["content-type"].startswith("text/csv")
+    assert raw.content.startswith("\ufeff".encode())
+    rows = list(csv.reader(io.StringIO(raw.content.decode("utf-8-sig"))))
+    assert rows[0] == ["section", "name", "sku", "quantity", "amount_yuan"]
+    assert [
+        "item",
+        "红烧肉饭",
+        "braised-pork",
+        str(expected["braised-pork"]),
+        f"{expected['braised-pork'] * 32:.2f}",
+    ] in rows
+
+    # funnels moved to revenue, and the early-order drink reached exactly the first 20
+    states = shop.states()
+    assert sum(1 for s in states.values() if s == "customer") == 28
+    assert states["w01"] == states["w02"] == "in_group"
+    drinks = [
+        p for p in shop.outbox("issue_voucher") if p["params"]["voucher"] == "免费饮品/例汤/小菜"
+    ]
+    assert len(drinks) == 20
+    early = {p["member"]["id"] for p in drinks}
+    assert early == {f"w{n:02d}" for n in range(30) if n not in (1, 2)} - {
+        f"w{n:02d}" for n in range(22, 30)
+    }
+    assert shop.count(Voucher) == 20
+    refused(append(shop, first, sl["id"], items=[{"sku": "veg-set"}]), "list_not_open")
+    r = shop.client.post(f"/v1/solitaire/lists/{sl['id']}/fulfil", headers=shop.admin)
+    assert r.status_code == 200 and r.json()["result"]["list"]["status"] == "fulfilled"
+
+
+def test_sold_out_items_are_refused_with_what_remains_and_stock_returns_on_withdrawal(shop):
+    ann, bea = shop.login("ann"), shop.login("bea")
+    definition = {
+        "title": "Dumplings",
+        "items": [
+            {"sku": "pork", "name": "猪肉饺", "price_fen": 1500, "stock": 3},
+            {"sku": "veg", "name": "素饺", "price_fen": 1200, "stock": 5},
+        ],
+    }
+    sl = open_list(shop, funnel=None, campaign=None, definition=definition)
+    assert append(shop, ann, sl["id"], items=[{"sku": "pork", "qty": 2}]).status_code == 200
+    r = append(shop, bea, sl["id"], items=[{"sku": "pork", "qty": 2}])
+    refused(r, "sold_out")
+    assert "only 1 left" in r.json()["detail"] and "素饺×5" in r.json()["detail"]
+    assert {e["path"]: e["message"] for e in r.json()["errors"]} == {
+        "available.pork": "1 left",
+        "available.veg": "5 left",
+    }
+    assert (
+        shop.client.post(
+            f"/v1/member/solitaire/{sl['id']}/lines/1/withdraw", headers=ann
+        ).status_code
+        == 200
+    )
+    r = append(shop, bea, sl["id"], items=[{"sku": "pork", "qty": 3}, {"sku": "veg", "qty": 5}])
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["line"] == 2  # numbers are never reused
+    assert r.json()["result"]["list"]["status"] == "closed"  # everything sold out
+    assert r.json()["result"]["list"]["close_reason"] == "sold_out"
+
+    refused(append(shop, ann, sl["id"], items=[{"sku": "veg"}]), "list_not_open")
+
+
+def test_bad_lines_are_422_with_the_path(shop):
+    ann = shop.login("ann")
+    sl = open_list(shop)
+    r = append(shop, ann, sl["id"], items=[{"sku": "braised-pork"}, {"sku": "beef", "qty": 1}])
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["path"] == "data.items[1].sku"
+    r = append(shop, ann, sl["id"], items=[{"sku": "braised-pork"}], pickup="C座")
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "data.pickup"
+    r = append(shop, ann, sl["id"], items=[{"sku": "braised-pork", "qty": 0}])
+    assert r.status_code == 422
+    for _ in range(2):  # max_lines_per_member: 2
+        assert append(shop, ann, sl["id"], items=[{"sku": "veg-set"}]).status_code == 200
+    refused(append(shop, ann, sl["id"], items=[{"sku": "veg-set"}]), "line_limit_reached")
+    r = shop.client.get(f"/v1/member/solitaire/{sl['id']}", headers=ann)
+    assert [x["mine"] for x in r.json()["lines"]] == [True, True]
+    assert "member_id" not in r.text
+
+
+def test_minimums_at_close_drop_short_items_and_cancel_a_small_list(shop):
+    ann, bea = shop.login("ann"), shop.login("bea")
+    definition = {
+        "title": "Hotpot",
+        "min_total_fen": 5000,
+        "items": [
+            {"sku": "beef", "name": "肥牛", "price_fen": 3000, "min_to_make": 2},
+            {"sku": "tofu", "name": "豆腐", "price_fen": 800},
+        ],
+    }
+    sl = open_list(shop, funnel=None, campaign=None, definition=definition)
+    append(shop, ann, sl["id"], items=[{"sku": "beef"}, {"sku": "tofu", "qty": 2}])
+    append(shop, bea, sl["id"], items=[{"sku": "tofu", "qty": 5}])
+    r = shop.client.post(f"/v1/solitaire/lists/{sl['id']}/close", headers=shop.admin)
+    assert r.status_code == 200, r.text
+    closed = r.json()["result"]["list"]
+    # beef (1 < 2) is not made; the rest is 7 × 8 yuan = 56 yuan ≥ 50: the list runs
+    assert closed["status"] == "closed"
+    summary = shop.client.get(f"/v1/solitaire/lists/{sl['id']}/summary", headers=shop.admin).json()
+    assert {i["sku"]: (i["quantity"], i["made"]) for i in summary["items"]} == {
+        "beef": (0, False),
+        "tofu": (7, True),
+    }
+    small = open_list(shop, funnel=None, campaign=None, definition=definition)
+    append(shop, ann, small["id"], items=[{"sku": "tofu"}])
+    r = shop.client.post(f"/v1/solitaire/lists/{small['id']}/close", headers=shop.admin)
+    assert r.json()["result"]["list"]["status"] == "cancelled"
+    assert r.json()["result"]["list"]["close_reason"] == "minimum_not_reached"
+    assert [e["type"] for e in r.json()["emitted"]] == ["solitaire.cancelled"]
