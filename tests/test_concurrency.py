@@ -4,7 +4,8 @@ path (`apply_batch`: its own transaction, deadlock retry and all).
 
 - 200 members join one team of 3 at the same instant: exactly 2 get in, 198 get a 409;
 - 200 members open teams of a stock-limited campaign at once: never more than the stock;
-- 20 tills redeem one voucher at once: exactly one succeeds.
+- 20 tills redeem one voucher at once: exactly one succeeds;
+- 300 members append to one solitaire list at once: lines 1..K, no item oversold.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from app.db import make_engine, session_scope
 from app.events.dispatch import Inbound, Reply, apply_batch
 from app.funnels.service import publish
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
+from app.mechanics.solitaire.models import SolitaireLine, SolitaireStock
 from app.mechanics.vouchers.models import Voucher
 from tests.conftest import FUNNELS, _truncate, new_tenant
 from tests.test_groupbuy import OPENS
@@ -31,6 +33,7 @@ from tests.test_groupbuy import OPENS
 pytestmark = pytest.mark.postgres
 LUNCH = json.loads((FUNNELS / "office-lunch.json").read_text())
 CROWD = 200
+MEMBERS = 300  # the solitaire race takes 300
 
 
 @pytest.fixture
@@ -51,7 +54,8 @@ def setup(engine: Engine, **campaign: Any) -> int:
     with session_scope(engine) as session:
         publish(session, tenant_id, "office-lunch", doc, OPENS)
     members = [
-        Inbound(tenant_id, "bot", "member.joined", member={"id": f"m{i}"}) for i in range(CROWD + 1)
+        Inbound(tenant_id, "bot", "member.joined", member={"id": f"m{i}"})
+        for i in range(MEMBERS + 1)
     ]
     assert all(r.ok for r in apply_batch(engine, members, OPENS))
     return tenant_id
@@ -144,3 +148,47 @@ def test_20_tills_redeem_one_voucher_at_once(pg):
     tills = [command(tenant_id, "voucher.redeem", None, code=code, till=f"t{i}") for i in range(20)]
     counts = outcomes(race(pg, tills))
     assert counts == Counter({"ok": 1, "409:voucher_already_redeemed": 19}), counts
+
+
+def test_300_simultaneous_appends_against_stock_of_50(pg):
+    tenant_id = setup(pg)
+    definition = {
+        "title": "午餐",
+        "items": [
+            {"sku": "pork", "name": "红烧肉饭", "price_fen": 3200, "stock": 50},
+            {"sku": "egg", "name": "番茄炒蛋饭", "price_fen": 2600, "stock": 50},
+        ],
+    }
+    [opened] = apply_batch(
+        pg, [command(tenant_id, "solitaire.open", None, group="g", definition=definition)], OPENS
+    )
+    assert opened.ok, opened.error
+    sl = opened.body["result"]["list"]["id"]
+    appends = [
+        command(
+            tenant_id,
+            "solitaire.append",
+            f"m{i}",
+            list=sl,
+            items=[{"sku": "pork" if i % 2 else "egg", "qty": 1 + i % 3}],
+        )
+        for i in range(1, 301)
+    ]
+    replies = race(pg, appends)
+    assert not [r for r in replies if r.status == 500]
+    refused = [r for r in replies if not r.ok]
+    assert {r.error.code for r in refused} <= {"sold_out", "list_not_open"}  # type: ignore[union-attr]
+    for r in refused:
+        if r.error.code == "sold_out":  # type: ignore[union-attr]
+            assert "left" in r.error.detail and r.error.errors  # type: ignore[union-attr]
+    numbers = sorted(r.body["result"]["line"] for r in replies if r.ok)
+    assert numbers == list(range(1, len(numbers) + 1))  # 1..K, no gaps, no duplicates
+    with pg.connect() as conn:
+        reserved = dict(conn.execute(select(SolitaireStock.sku, SolitaireStock.reserved)).all())  # type: ignore[call-overload]
+        ordered: Counter[str] = Counter()
+        for (items,) in conn.execute(select(SolitaireLine.items)):  # type: ignore[call-overload]
+            for i in items:
+                ordered[i["sku"]] += i["qty"]
+    assert all(0 <= n <= 50 for n in reserved.values()), reserved  # never oversold
+    assert reserved == dict(ordered)
+    assert len(numbers) > 40  # the stock went to many members, not a handful
