@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from app.mechanics.vouchers.models import Voucher
+from tests.conftest import event
 from tests.test_groupbuy import Shop, refused
 
 OPENS_1030 = datetime(2026, 12, 1, 2, 30, tzinfo=UTC)  # 10:30 in Shanghai
@@ -230,3 +231,34 @@ def test_minimums_at_close_drop_short_items_and_cancel_a_small_list(shop):
     assert r.json()["result"]["list"]["status"] == "cancelled"
     assert r.json()["result"]["list"]["close_reason"] == "minimum_not_reached"
     assert [e["type"] for e in r.json()["emitted"]] == ["solitaire.cancelled"]
+
+
+def test_the_group_bot_appends_replies_and_answers_what_it_cannot_read(shop):
+    for openid in ("ann", "bea", "cai"):
+        shop.login(openid)
+    sl = open_list(shop)
+    said = lambda text, who: shop.bot.send(  # noqa: E731
+        event("message.posted", who, group_id="g-lunch", message_id=text, text=text)
+    )
+    r = said("＋１　红烧肉饭", "ann")
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["outcome"] == "appended" and r.json()["result"]["line"] == 1
+    copied = "#接龙 今日午餐接龙\n1. ann  红烧肉饭×1\n2. 🌸bea🌸 番茄炒蛋饭×2 不要葱"
+    r = said(copied, "bea")
+    assert r.json()["result"]["line"] == 2
+    r = said("+1 宫保鸡丁", "cai")  # not on the menu: told, not dropped
+    assert r.status_code == 200 and r.json()["result"]["outcome"] == "not_understood"
+    [help_msg] = [p for p in shop.outbox("send_message") if p["params"].get("list") == sl["id"]]
+    assert help_msg["member"] == {"id": "cai"} and "接龙格式" in help_msg["params"]["text"]
+    r = said("今天的红烧肉饭真香", "cai")  # chatter stays chatter
+    assert "result" not in r.json()
+    lines = shop.client.get(f"/v1/solitaire/lists/{sl['id']}", headers=shop.admin).json()["lines"]
+    assert [(x["seq"], x["nickname"], x["items"][0]["qty"], x["note"]) for x in lines] == [
+        (1, "ann", 1, None),
+        (2, "bea", 2, "不要葱"),
+    ]
+    r = said("+3 红烧肉饭", "ann")  # over the per-member line limit? no: a second line is fine
+    assert r.json()["result"]["line"] == 3
+    r = said("+1 素食套餐", "ann")  # a third line: the limit is 2, she is told why
+    assert r.json()["result"]["outcome"] == "refused"
+    assert r.json()["result"]["reason"] == "line_limit_reached"

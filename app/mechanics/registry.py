@@ -6,6 +6,7 @@ from typing import Any
 
 from app.mechanics.commands import Handler
 from app.mechanics.groupbuy import service as groupbuy
+from app.mechanics.solitaire import parse as solitaire_parse
 from app.mechanics.solitaire import service as solitaire
 from app.mechanics.vouchers import commands as vouchers
 
@@ -32,7 +33,10 @@ COMMANDS: dict[str, Handler] = {
 
 def command_for(event_type: str, data: dict[str, Any]) -> Handler | None:
     """The handler for a command, or for an event a mechanic takes over: an `order.paid`
-    that carries a group-buy team confirms (or refunds) that team's seat."""
+    that carries a group-buy team confirms (or refunds) that team's seat; a group message
+    that looks like a solitaire reply is appended to the group's open list."""
     if event_type == "order.paid" and data.get("team_id"):
         return groupbuy.pay
+    if event_type == "message.posted" and solitaire_parse.is_reply(str(data.get("text") or "")):
+        return solitaire.reply
     return COMMANDS.get(event_type)

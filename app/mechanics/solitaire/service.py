@@ -28,7 +28,7 @@ from app.errors import Conflict, FieldProblem, NotFound
 from app.events.ingest import InvalidEvent
 from app.funnels import store
 from app.mechanics.commands import Context, DirectAction, Effects, Emit
-from app.mechanics.solitaire import rules
+from app.mechanics.solitaire import parse, rules
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
@@ -244,8 +244,14 @@ def append(ctx: Context) -> Effects:
     """`solitaire.append`: a member adds a line (for themselves, or on behalf of someone)."""
     sl = _lock(ctx, ctx.data["list"])
     m = ctx.member()
+    effects = _append(ctx, sl, m, ctx.data)
+    effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id))
+    return effects
+
+
+def _append(ctx: Context, sl: Any, m: Any, data: dict[str, Any]) -> Effects:
     _check_open(sl, ctx.now, joining=True)
-    priced = _priced(sl, ctx.data)
+    priced = _priced(sl, data)
     others = _member_lines(ctx.conn, sl.id, m.id)
     refusal = rules.member_refusal(
         sl.options, _menu(sl), [o.items for o in others], priced.items, adding=True
@@ -265,11 +271,11 @@ def append(ctx: Context) -> Effects:
             list_id=sl.id,
             seq=seq,
             member_id=m.id,
-            on_behalf_of=ctx.data.get("on_behalf_of"),
+            on_behalf_of=data.get("on_behalf_of"),
             items=priced.items,
-            note=ctx.data.get("note"),
-            pickup=ctx.data.get("pickup"),
-            address=ctx.data.get("address"),
+            note=data.get("note"),
+            pickup=data.get("pickup"),
+            address=data.get("address"),
             total_fen=priced.total_fen,
             status=LIVE,
             created_at=ctx.now,
@@ -280,8 +286,53 @@ def append(ctx: Context) -> Effects:
     left = _available(ctx.conn, sl)
     if left and all(n <= 0 for n in left.values()) and len(left) == len(sl.items):
         _close(ctx, _get(ctx.conn, sl.id), "sold_out", effects)
-    effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id))
     return effects
+
+
+def reply(ctx: Context) -> Effects:
+    """A group message that looks like a solitaire reply (`+1 红烧肉饭`, or the copied list
+    with a new line): appended for its poster to the group's open list. What cannot be read
+    or appended is answered with a message to the poster saying why — never dropped. The
+    message still reaches the funnels as `message.posted`."""
+    group = str(ctx.data.get("group_id") or "")
+    sl = ctx.conn.execute(
+        select(list_t)
+        .where(
+            list_t.c.tenant_id == ctx.tenant_id,
+            list_t.c.group_id == group,
+            list_t.c.status == OPEN,
+        )
+        .order_by(list_t.c.opens_at.desc(), list_t.c.id.desc())
+        .limit(1)
+        .with_for_update()
+    ).first()
+    m = ctx.member()
+    effects = Effects(m.id, {"outcome": "no_open_list"}, [Emit(m.id, "message.posted", ctx.data)])
+    if sl is None:
+        return effects
+    parsed = parse.parse(str(ctx.data.get("text") or ""), sl.items, sl.roster, sl.last_seq)
+    if isinstance(parsed, parse.NotUnderstood):
+        effects.result = {"outcome": "not_understood", "reason": parsed.reason}
+        _tell(effects, m.id, sl, f"没看懂这条接龙 ({parsed.reason})。{parse.FORMAT_HELP}")
+        return effects
+    attempt = ctx.conn.begin_nested()
+    try:
+        appended = _append(ctx, sl, m, {"items": parsed.items, "note": parsed.note})
+    except (Refused, InvalidEvent) as exc:
+        attempt.rollback()
+        effects.result = {"outcome": "refused", "reason": exc.code, "detail": exc.detail}
+        _tell(effects, m.id, sl, f"接龙没有成功: {exc.detail}")
+        return effects
+    attempt.commit()
+    effects.emits.extend(appended.emits)
+    effects.actions.extend(appended.actions)
+    effects.result = {**appended.result, "list": list_json(ctx.conn, _get(ctx.conn, sl.id))}
+    return effects
+
+
+def _tell(effects: Effects, member_id: int, sl: Any, text: str) -> None:
+    params = {"to": "member", "text": text, "group_id": sl.group_id, "list": sl.public_id}
+    effects.actions.append(DirectAction(member_id, "send_message", params, "solitaire.reply"))
 
 
 def _own_line(ctx: Context, sl: Any, member_id: int) -> Any:
