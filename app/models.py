@@ -4,6 +4,7 @@ from app.db import metadata
 from app.events.models import EventLog, WebhookSource
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
 from app.identity.models import WeChatApp
+from app.mechanics.community.models import GroupMember
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
 from app.mechanics.vouchers.models import Voucher
@@ -21,6 +22,7 @@ __all__ = [
     "Funnel",
     "FunnelInstance",
     "FunnelVersion",
+    "GroupMember",
     "Member",
     "Outbox",
     "Seat",

@@ -54,7 +54,7 @@ def setup(engine: Engine, **campaign: Any) -> int:
     with session_scope(engine) as session:
         publish(session, tenant_id, "office-lunch", doc, OPENS)
     members = [
-        Inbound(tenant_id, "bot", "member.joined", member={"id": f"m{i}"})
+        Inbound(tenant_id, "bot", "member.joined", {"group_id": "g"}, member={"id": f"m{i}"})
         for i in range(MEMBERS + 1)
     ]
     assert all(r.ok for r in apply_batch(engine, members, OPENS))

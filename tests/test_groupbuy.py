@@ -32,6 +32,7 @@ from tests.servers import Receiver
 LUNCH = json.loads((FUNNELS / "office-lunch.json").read_text())
 OPENS = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai, the campaign's first day
 TEAMS = "/v1/member/groupbuy/office-lunch/lunch-team/teams"
+GROUP = "g-lunch"  # the office lunch perks group (its opengid)
 
 
 def lunch(**changes: Any) -> dict[str, Any]:
@@ -69,7 +70,7 @@ class Shop:
                 headers=auth,
             )
             assert r.status_code == 200, r.text
-            assert self.bot.send(event("member.joined", openid)).status_code == 200
+            assert self.bot.send(event("member.joined", openid, group_id=GROUP)).status_code == 200
         return auth
 
     def open(self, auth: dict[str, str], **kw: Any) -> Any:

@@ -262,3 +262,15 @@ def test_the_group_bot_appends_replies_and_answers_what_it_cannot_read(shop):
     r = said("+1 素食套餐", "ann")  # a third line: the limit is 2, she is told why
     assert r.json()["result"]["outcome"] == "refused"
     assert r.json()["result"]["reason"] == "line_limit_reached"
+
+
+def test_only_members_of_the_group_may_append(shop):
+    ann = shop.login("ann")  # joined g-lunch
+    sl = open_list(shop, group="g-other")
+    r = append(shop, ann, sl["id"], items=[{"sku": "veg-set"}])
+    assert r.status_code == 403 and r.json()["code"] == "not_in_group"
+    shop.bot.send(event("member.joined", "ann", group_id="g-other"))
+    assert append(shop, ann, sl["id"], items=[{"sku": "veg-set"}]).status_code == 200
+    shop.bot.send(event("member.left", "ann", group_id="g-other"))
+    r = append(shop, ann, sl["id"], items=[{"sku": "veg-set"}])
+    assert r.status_code == 403

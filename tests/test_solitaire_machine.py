@@ -70,6 +70,8 @@ class SolitaireMachine(RuleBasedStateMachine):
         self.clock = FrozenClock(OPENS)
         self.tenant_id, _ = new_tenant(self.engine, "lunch")
         self.steps = 0
+        for member in MEMBERS:  # the group bot saw them join the group
+            assert self.apply("member.joined", member, group_id="g").ok
         reply = self.apply("solitaire.open", None, group="g", definition=DEFINITION)
         assert reply.ok, reply.error
         self.list = reply.body["result"]["list"]["id"]

@@ -43,6 +43,7 @@ from app.events.ingest import unknown_type
 from app.events.models import EventLog
 from app.funnels import store
 from app.mechanics.commands import Context, Effects, Emit, Handler
+from app.mechanics.community import service as community
 from app.mechanics.registry import command_for
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
@@ -58,6 +59,7 @@ timer_t: Table = Timer.__table__  # type: ignore[attr-defined]
 TIMER_SOURCE = "timer"
 EMITTED_SOURCE = "flywheel"  # events Flywheel emits itself (groupbuy.succeeded, voucher.issued)
 DEADLOCK_RETRIES = 3
+GROUP_EVENTS = frozenset({"member.joined", "member.left"})  # kept as group membership
 MAX_CASCADE = 4  # an emitted event's funnels may emit more (a voucher issued), this deep
 
 
@@ -267,6 +269,8 @@ def _step_funnels(
         }
         if item.type not in custom:
             raise unknown_type(item.type, custom)
+    if item.type in GROUP_EVENTS:
+        community.observe(conn, item.tenant_id, m, item.type, item.data, now)
     outcomes, n_actions, emits = _step_member(
         conn, item.tenant_id, m, item.type, item.data, event_id, now, cache
     )

@@ -20,6 +20,7 @@ LINE_LIMIT = "line_limit_reached"
 ITEM_LIMIT = "item_limit_reached"
 NOT_YOUR_LINE = "not_your_line"
 WITHDRAWN = "line_withdrawn"
+NOT_IN_GROUP = "not_in_group"
 
 MAX_QTY = 999
 

@@ -28,6 +28,7 @@ from app.errors import Conflict, FieldProblem, NotFound
 from app.events.ingest import InvalidEvent
 from app.funnels import store
 from app.mechanics.commands import Context, DirectAction, Effects, Emit
+from app.mechanics.community import service as community
 from app.mechanics.solitaire import parse, rules
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
 from app.mechanics.vouchers import service as vouchers
@@ -249,8 +250,14 @@ def append(ctx: Context) -> Effects:
     return effects
 
 
+class NotInGroup(Refused):
+    status, title = 403, "Not a member of the group"
+
+
 def _append(ctx: Context, sl: Any, m: Any, data: dict[str, Any]) -> Effects:
     _check_open(sl, ctx.now, joining=True)
+    if not community.is_member(ctx.conn, ctx.tenant_id, sl.group_id, m.id):
+        raise NotInGroup(rules.NOT_IN_GROUP, "only members of the list's group may append to it")
     priced = _priced(sl, data)
     others = _member_lines(ctx.conn, sl.id, m.id)
     refusal = rules.member_refusal(
@@ -307,6 +314,8 @@ def reply(ctx: Context) -> Effects:
         .with_for_update()
     ).first()
     m = ctx.member()
+    if group:  # the bot saw them post in the group: they are in it
+        community.joined(ctx.conn, ctx.tenant_id, group, m.id, ctx.now)
     effects = Effects(m.id, {"outcome": "no_open_list"}, [Emit(m.id, "message.posted", ctx.data)])
     if sl is None:
         return effects
