@@ -32,7 +32,7 @@ from tests.servers import Receiver
 LUNCH = json.loads((FUNNELS / "office-lunch.json").read_text())
 OPENS = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai, the campaign's first day
 TEAMS = "/v1/member/groupbuy/office-lunch/lunch-team/teams"
-GROUP = "g-lunch"  # the office lunch perks group (its opengid)
+GROUP = "office-lunch-perks"  # the office lunch perks group (its opengid)
 
 
 def lunch(**changes: Any) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from app.events.dispatch import apply_batch
+from app.mechanics.solitaire.schedule import due_openings
 from app.mechanics.vouchers.models import Voucher
 from tests.conftest import event
 from tests.test_groupbuy import Shop, refused
@@ -27,7 +29,7 @@ def shop(engine, clock) -> Shop:
 
 
 def open_list(shop: Shop, **body: Any) -> dict[str, Any]:
-    body = {"group": "g-lunch", "funnel": "office-lunch", "campaign": "lunch", **body}
+    body = {"group": "office-lunch-perks", "funnel": "office-lunch", "campaign": "lunch", **body}
     r = shop.client.post("/v1/solitaire/lists", json=body, headers=shop.admin)
     assert r.status_code == 200, r.text
     return r.json()["result"]["list"]  # type: ignore[no-any-return]
@@ -39,8 +41,14 @@ def append(shop: Shop, auth: dict[str, str], list_id: str, **line: Any) -> Any:
 
 def test_a_scheduled_lunch_list_from_opening_to_the_kitchen(shop):
     members = {f"w{i:02d}": shop.login(f"w{i:02d}") for i in range(30)}
-    sl = open_list(shop, opens_at=OPENS_1030.isoformat())
-    assert sl["status"] == "scheduled"
+    # office-lunch schedules the list: "30 10 * * 1-5" in Asia/Shanghai, group office-lunch-perks
+    shop.sweep()  # 10:00: the 10:30 list is created, scheduled (an hour's lookahead)
+    listed = shop.client.get(
+        "/v1/solitaire/lists", params={"group": "office-lunch-perks"}, headers=shop.admin
+    ).json()["lists"]
+    assert len(listed) == 1
+    sl = listed[0]
+    assert sl["status"] == "scheduled" and sl["opens_at"] == OPENS_1030.isoformat()
     assert sl["closes_at"] == (OPENS_1030 + timedelta(minutes=30)).isoformat()
     assert sl["join_until"] == (OPENS_1030 + timedelta(minutes=25)).isoformat()
     first = members["w00"]
@@ -49,6 +57,7 @@ def test_a_scheduled_lunch_list_from_opening_to_the_kitchen(shop):
     shop.clock.set(OPENS_1030)
     opened = [r for r in shop.sweep() if r.body["type"] == "solitaire.open_due"]
     assert [r.body["result"]["outcome"] for r in opened] == ["opened"]
+    assert len(shop.client.get("/v1/solitaire/lists", headers=shop.admin).json()["lists"]) == 1
 
     skus = list(MENU)
     for n, auth in enumerate(members.values()):
@@ -238,7 +247,7 @@ def test_the_group_bot_appends_replies_and_answers_what_it_cannot_read(shop):
         shop.login(openid)
     sl = open_list(shop)
     said = lambda text, who: shop.bot.send(  # noqa: E731
-        event("message.posted", who, group_id="g-lunch", message_id=text, text=text)
+        event("message.posted", who, group_id="office-lunch-perks", message_id=text, text=text)
     )
     r = said("＋１　红烧肉饭", "ann")
     assert r.status_code == 200, r.text
@@ -265,7 +274,7 @@ def test_the_group_bot_appends_replies_and_answers_what_it_cannot_read(shop):
 
 
 def test_only_members_of_the_group_may_append(shop):
-    ann = shop.login("ann")  # joined g-lunch
+    ann = shop.login("ann")  # joined office-lunch-perks
     sl = open_list(shop, group="g-other")
     r = append(shop, ann, sl["id"], items=[{"sku": "veg-set"}])
     assert r.status_code == 403 and r.json()["code"] == "not_in_group"
@@ -274,3 +283,18 @@ def test_only_members_of_the_group_may_append(shop):
     shop.bot.send(event("member.left", "ann", group_id="g-other"))
     r = append(shop, ann, sl["id"], items=[{"sku": "veg-set"}])
     assert r.status_code == 403
+
+
+def test_a_scheduled_opening_makes_one_list_however_many_workers_look(shop):
+    shop.clock.set(OPENS_1030 + timedelta(minutes=5))  # the service was down at 10:30
+    now = shop.clock.now()
+    for _ in range(3):  # three workers, or three rounds
+        with shop.engine.connect() as conn:
+            openings = due_openings(conn, now)
+        assert [o.data["group"] for o in openings] == ["office-lunch-perks"]
+        assert all(r.ok for r in apply_batch(shop.engine, openings, now))
+    [sl] = shop.client.get("/v1/solitaire/lists", headers=shop.admin).json()["lists"]
+    assert sl["status"] == "open" and sl["opens_at"] == OPENS_1030.isoformat()
+    shop.clock.set(OPENS_1030 + timedelta(minutes=31))  # the window passed: nothing new
+    with shop.engine.connect() as conn:
+        assert [o.data["opens_at"] for o in due_openings(conn, shop.clock.now())] == []

@@ -373,6 +373,9 @@ class Solitaire(Strict):
     roster: bool = False
     items: list[SolitaireItem] = []
     opens: Cron | None = Field(default=None, description="schedule that opens a new list")
+    groups: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default=[], description="the chat groups (opengid) a scheduled list opens in, one each"
+    )
     open_for: Duration = "PT30M"
     join_until: Duration | None = Field(
         default=None, description="new lines stop this long after opening"
@@ -399,6 +402,8 @@ class Solitaire(Strict):
             raise ValueError("join_until must not be later than open_for")
         if (self.early_orders is None) != (self.early_reward is None):
             raise ValueError("early_orders and early_reward go together")
+        if self.opens and not self.groups:
+            raise ValueError("a scheduled list (opens) needs the groups it opens in")
         return self
 
 

@@ -12,9 +12,10 @@ row swept twice changes once. How late each ran is in /metrics.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Engine, Select, func, select
@@ -22,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.events.dispatch import TIMER_SOURCE, BatchCache, Inbound, Reply, apply_one
 from app.mechanics.groupbuy.service import HELD, OPEN, seat_t, team_t
+from app.mechanics.solitaire import schedule
 from app.mechanics.solitaire.service import OPEN as LIST_OPEN
 from app.mechanics.solitaire.service import SCHEDULED, list_t
 from app.mechanics.vouchers.service import ISSUED, voucher_t
@@ -138,10 +140,42 @@ def sweep_due(
     engine: Engine, now: datetime, limit: int = 200, metrics: Metrics | None = None
 ) -> list[Reply]:
     """Apply every mechanic timer due at `now` (up to `limit` of each kind)."""
-    replies: list[Reply] = []
+    replies: list[Reply] = _scheduled_lists(engine, now)
     for sweep in SWEEPS:
         replies.extend(_sweep(engine, sweep, now, limit, metrics))
     return replies
+
+
+_last_schedule: weakref.WeakKeyDictionary[Engine, datetime] = weakref.WeakKeyDictionary()
+
+
+def _scheduled_lists(engine: Engine, now: datetime) -> list[Reply]:
+    """Create the solitaire lists campaigns schedule (at most every `schedule.EVERY`)."""
+    last = _last_schedule.get(engine)
+    if last is not None and timedelta(0) <= now - last < schedule.EVERY:
+        return []
+    _last_schedule[engine] = now
+    try:
+        with engine.connect() as conn, conn.begin():
+            cache = BatchCache()
+            replies = []
+            for item in schedule.due_openings(conn, now):
+                savepoint = conn.begin_nested()
+                try:
+                    reply = apply_one(conn, item, now, cache)
+                except OperationalError:
+                    raise
+                except Exception:
+                    savepoint.rollback()
+                    log.exception("scheduled solitaire list %s failed", item.key)
+                    continue
+                savepoint.commit()
+                if not reply.replayed:
+                    replies.append(reply)
+            return replies
+    except OperationalError as exc:
+        log.warning("solitaire schedule rolled back: %s", exc.orig)
+        return []
 
 
 def _sweep(
