@@ -271,6 +271,13 @@ def test_the_group_bot_appends_replies_and_answers_what_it_cannot_read(shop):
     r = said("+1 素食套餐", "ann")  # a third line: the limit is 2, she is told why
     assert r.json()["result"]["outcome"] == "refused"
     assert r.json()["result"]["reason"] == "line_limit_reached"
+    # the bot keeps one message per list up to date: "x / N" and the state
+    updates = [p["params"] for p in shop.outbox("update_list_message")]
+    assert [u["count"] for u in updates] == [0, 1, 2, 3]  # opened, then each append
+    assert {u["message_key"] for u in updates} == {f"solitaire:{sl['id']}"}
+    assert [u["revision"] for u in updates] == sorted({u["revision"] for u in updates})
+    assert updates[-1]["capacity"] == 180 and updates[-1]["status"] == "open"
+    assert updates[-1]["text"].splitlines()[0] == "#接龙 今日午餐接龙 [进行中]"
 
 
 def test_only_members_of_the_group_may_append(shop):

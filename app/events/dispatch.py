@@ -419,9 +419,13 @@ def _direct_actions(
 ) -> int:
     n = 0
     for a in effects.actions:
-        external_id = conn.execute(
-            select(member_t.c.external_id).where(member_t.c.id == a.member_id)
-        ).scalar_one()
+        external_id = (
+            conn.execute(
+                select(member_t.c.external_id).where(member_t.c.id == a.member_id)
+            ).scalar_one()
+            if a.member_id is not None
+            else None
+        )
         planned = PlannedAction(a.type, a.params, a.source, "send", now)
         n += len(
             enqueue(

@@ -30,7 +30,7 @@ class Emit:
 
 @dataclass(frozen=True)
 class DirectAction:
-    member_id: int
+    member_id: int | None  # None: an action about a group or a list, not one member
     type: str
     params: dict[str, Any]
     source: str  # the mechanic that asked: "groupbuy.lunch-team"

@@ -17,18 +17,21 @@ COMMANDS: dict[str, Handler] = {
     "groupbuy.cancel": groupbuy.cancel,
     "groupbuy.deadline": groupbuy.deadline,
     "groupbuy.hold_expired": groupbuy.hold_expired,
-    "solitaire.open": solitaire.open_list,
-    "solitaire.open_due": solitaire.open_due,
-    "solitaire.append": solitaire.append,
-    "solitaire.change": solitaire.change,
-    "solitaire.withdraw": solitaire.withdraw,
-    "solitaire.close": solitaire.close,
-    "solitaire.close_due": solitaire.close_due,
-    "solitaire.finish": solitaire.finish,
+    "solitaire.open": solitaire.announced(solitaire.open_list),
+    "solitaire.open_due": solitaire.announced(solitaire.open_due),
+    "solitaire.append": solitaire.announced(solitaire.append),
+    "solitaire.change": solitaire.announced(solitaire.change),
+    "solitaire.withdraw": solitaire.announced(solitaire.withdraw),
+    "solitaire.close": solitaire.announced(solitaire.close),
+    "solitaire.close_due": solitaire.announced(solitaire.close_due),
+    "solitaire.finish": solitaire.announced(solitaire.finish),
     "voucher.redeem": vouchers.redeem,
     "voucher.void": vouchers.void,
     "voucher.expire": vouchers.expire,
 }
+
+
+SOLITAIRE_REPLY = solitaire.announced(solitaire.reply)
 
 
 def command_for(event_type: str, data: dict[str, Any]) -> Handler | None:
@@ -38,5 +41,5 @@ def command_for(event_type: str, data: dict[str, Any]) -> Handler | None:
     if event_type == "order.paid" and data.get("team_id"):
         return groupbuy.pay
     if event_type == "message.posted" and solitaire_parse.is_reply(str(data.get("text") or "")):
-        return solitaire.reply
+        return SOLITAIRE_REPLY
     return COMMANDS.get(event_type)

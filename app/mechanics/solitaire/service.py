@@ -27,7 +27,7 @@ from app.engine.schedule import parse_duration
 from app.errors import Conflict, FieldProblem, NotFound
 from app.events.ingest import InvalidEvent
 from app.funnels import store
-from app.mechanics.commands import Context, DirectAction, Effects, Emit
+from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler
 from app.mechanics.community import service as community
 from app.mechanics.solitaire import parse, rules
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
@@ -337,6 +337,48 @@ def reply(ctx: Context) -> Effects:
     effects.actions.extend(appended.actions)
     effects.result = {**appended.result, "list": list_json(ctx.conn, _get(ctx.conn, sl.id))}
     return effects
+
+
+def announced(handler: Handler) -> Handler:
+    """The handler, followed by the bot's list message when it changed a list."""
+
+    def run(ctx: Context) -> Effects:
+        effects = handler(ctx)
+        changed = effects.result.get("list")
+        if changed is not None and effects.result.get("outcome") not in QUIET:
+            row = ctx.conn.execute(
+                select(list_t.c.id).where(list_t.c.public_id == changed["id"])
+            ).scalar_one()
+            announce(ctx, row, effects)
+        return effects
+
+    run.__doc__ = handler.__doc__
+    return run
+
+
+QUIET = frozenset({"nothing_due", "no_open_list", "not_understood", "refused"})
+
+
+def announce(ctx: Context, list_id: int, effects: Effects) -> None:
+    """Ask the bot to post (or edit) the group's list message: the text, `count` live orders
+    of `capacity` (the stock, when every item has one) and the state. One `message_key` per
+    list, and a rising `revision`, so the bot edits one message and skips stale updates."""
+    sl = _get(ctx.conn, list_id)
+    lines = lines_of(ctx.conn, sl.id)
+    stocks = [i.get("stock") for i in sl.items]
+    capacity = sum(stocks) if stocks and all(n is not None for n in stocks) else None
+    count = sum(1 for x in lines if x["status"] == LIVE)
+    params = {
+        "group_id": sl.group_id,
+        "list": sl.public_id,
+        "message_key": f"solitaire:{sl.public_id}",
+        "revision": ctx.event_id,
+        "status": sl.status,
+        "count": count,
+        "capacity": capacity,
+        "text": rules.render_text(sl._mapping, lines, "zh"),
+    }
+    effects.actions.append(DirectAction(None, "update_list_message", params, "solitaire"))
 
 
 def _tell(effects: Effects, member_id: int, sl: Any, text: str) -> None:
