@@ -305,3 +305,31 @@ def test_a_scheduled_opening_makes_one_list_however_many_workers_look(shop):
     shop.clock.set(OPENS_1030 + timedelta(minutes=31))  # the window passed: nothing new
     with shop.engine.connect() as conn:
         assert [o.data["opens_at"] for o in due_openings(conn, shop.clock.now())] == []
+
+
+def test_a_roster_takes_names_and_a_delivery_list_takes_addresses(shop):
+    ann, bea = shop.login("ann"), shop.login("bea")
+    hike = open_list(
+        shop, funnel=None, campaign=None, definition={"title": "周六徒步", "roster": True}
+    )
+    r = append(shop, ann, hike["id"], note="带两瓶水")
+    assert r.status_code == 200, r.text
+    r = append(shop, bea, hike["id"], on_behalf_of="老李", note="老李和家属")
+    assert r.json()["result"]["line"] == 2
+    refused_items = append(shop, ann, hike["id"], items=[{"sku": "x"}])
+    assert refused_items.status_code == 422
+    text = shop.client.get(f"/v1/solitaire/lists/{hike['id']}/text", headers=shop.admin).text
+    assert text.splitlines()[1:3] == ["1. ann  带两瓶水", "2. bea (代 老李)  老李和家属"]
+    r = shop.client.post(f"/v1/solitaire/lists/{hike['id']}/close", headers=shop.admin)
+    assert sorted(e["type"] for e in r.json()["emitted"]) == ["solitaire.closed"] * 2
+
+    delivery = {
+        "title": "夜宵",
+        "ask_address": True,
+        "items": [{"sku": "noodles", "name": "牛肉面", "price_fen": 2200}],
+    }
+    sl = open_list(shop, funnel=None, campaign=None, definition=delivery)
+    r = append(shop, ann, sl["id"], items=[{"sku": "noodles"}])
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "data.address"
+    r = append(shop, ann, sl["id"], items=[{"sku": "noodles"}], address="B座1203")
+    assert r.status_code == 200, r.text

@@ -191,6 +191,8 @@ def _priced(sl: Any, data: dict[str, Any]) -> rules.Priced:
     pickups = sl.options.get("pickup_points") or []
     if pickups and data.get("pickup") is not None and data["pickup"] not in pickups:
         problems.append(FieldProblem("data.pickup", "one of: " + ", ".join(pickups)))
+    if sl.options.get("ask_address") and not str(data.get("address") or "").strip():
+        problems.append(FieldProblem("data.address", "this list delivers: give an address"))
     if problems:
         raise InvalidEvent(
             "the line has problems: " + "; ".join(str(p) for p in problems[:3]), errors=problems
@@ -525,7 +527,7 @@ def _close(ctx: Context, sl: Any, reason: str, effects: Effects) -> None:
         effects.emits.append(Emit(member_id, "solitaire.closed", {**base, "sequence": place}))
         if sl.options.get("early_orders") and place <= sl.options["early_orders"]:
             _early_reward(ctx, sl, member_id, effects)
-        if total > 0 or sl.roster:
+        if total > 0:  # a roster sign-up is not an order
             effects.emits.append(
                 Emit(
                     member_id,
