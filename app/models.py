@@ -6,6 +6,7 @@ from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHisto
 from app.identity.models import WeChatApp
 from app.mechanics.community.models import GroupMember
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
+from app.mechanics.referral.models import ReferralCode, ReferralLink, ReferralReward, RewardLedger
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
 from app.mechanics.vouchers.models import Voucher
 from app.members.models import Member
@@ -25,6 +26,10 @@ __all__ = [
     "GroupMember",
     "Member",
     "Outbox",
+    "ReferralCode",
+    "ReferralLink",
+    "ReferralReward",
+    "RewardLedger",
     "Seat",
     "SolitaireLine",
     "SolitaireList",

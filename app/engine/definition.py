@@ -424,6 +424,10 @@ class Referral(Strict):
     tiers: list[ReferralTier] = []
     max_rewards_per_inviter_per_day: Annotated[int, Field(ge=1)] | None = None
     max_rewards_per_inviter: Annotated[int, Field(ge=1)] | None = None
+    hold: Duration = Field(
+        "P7D",
+        description="rewards stay pending this long (the refund window), then are paid",
+    )
     depth: Annotated[
         int,
         Field(

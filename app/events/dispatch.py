@@ -42,8 +42,9 @@ from app.errors import Conflict, DomainError, NotFound
 from app.events.ingest import unknown_type
 from app.events.models import EventLog
 from app.funnels import store
-from app.mechanics.commands import Context, Effects, Emit, Handler
+from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler
 from app.mechanics.community import service as community
+from app.mechanics.referral import service as referral
 from app.mechanics.registry import command_for
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
@@ -288,9 +289,11 @@ def _step_member(
     now: datetime,
     cache: BatchCache,
 ) -> tuple[list[dict[str, Any]], int, list[Emit]]:
-    """Step every funnel the member (locked) is in, or enters, with one event."""
+    """Step every funnel the member (locked) is in, or enters, with one event. Mechanics that
+    watch plain events (referral qualification, refunds) see it first."""
     profile = _profile(m)
     versions = cache.open_versions(conn, tenant_id)
+    watched = referral.observe(conn, tenant_id, m, event_type, data, event_id, now, versions)
     instances = store.member_instances(conn, m.id)
     candidates: dict[int, store.VersionRef] = {v.funnel_id: v for v in versions}
     for current in instances.values():
@@ -298,6 +301,9 @@ def _step_member(
             candidates[current.funnel_id] = current.ref  # members finish the version they began
     event = Event(type=event_type, data=data, id=str(event_id))
     outcomes, n_actions, emits = [], 0, []
+    if watched is not None:
+        emits.extend(watched.emits)
+        n_actions += _enqueue_direct(conn, tenant_id, watched.actions, event_id, event_type, now)
     for funnel_id, ref in candidates.items():
         inst = instances.get(funnel_id)
         active = inst is not None and inst.status == "active"
@@ -417,8 +423,20 @@ def _run_command(
 def _direct_actions(
     conn: Connection, item: Inbound, effects: Effects, event_id: int, now: datetime
 ) -> int:
+    return _enqueue_direct(conn, item.tenant_id, effects.actions, event_id, item.type, now)
+
+
+def _enqueue_direct(
+    conn: Connection,
+    tenant_id: int,
+    actions: Sequence[DirectAction],
+    event_id: int,
+    event_type: str,
+    now: datetime,
+) -> int:
+    """Actions a mechanic asked for (a refund, a fulfilment, points), into the outbox."""
     n = 0
-    for a in effects.actions:
+    for a in actions:
         external_id = (
             conn.execute(
                 select(member_t.c.external_id).where(member_t.c.id == a.member_id)
@@ -430,14 +448,14 @@ def _direct_actions(
         n += len(
             enqueue(
                 conn,
-                tenant_id=item.tenant_id,
+                tenant_id=tenant_id,
                 member_id=a.member_id,
                 member_external_id=external_id,
                 funnel_id=None,
                 funnel_key=None,
                 version=None,
                 event_id=event_id,
-                event_type=item.type,
+                event_type=event_type,
                 actions=[planned],
                 now=now,
             )

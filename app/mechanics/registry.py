@@ -6,6 +6,7 @@ from typing import Any
 
 from app.mechanics.commands import Handler
 from app.mechanics.groupbuy import service as groupbuy
+from app.mechanics.referral import service as referral
 from app.mechanics.solitaire import parse as solitaire_parse
 from app.mechanics.solitaire import service as solitaire
 from app.mechanics.vouchers import commands as vouchers
@@ -25,6 +26,8 @@ COMMANDS: dict[str, Handler] = {
     "solitaire.close": solitaire.announced(solitaire.close),
     "solitaire.close_due": solitaire.announced(solitaire.close_due),
     "solitaire.finish": solitaire.announced(solitaire.finish),
+    "referral.mine": referral.my_referral,
+    "referral.pay_due": referral.pay_due,
     "voucher.redeem": vouchers.redeem,
     "voucher.void": vouchers.void,
     "voucher.expire": vouchers.expire,
@@ -40,6 +43,8 @@ def command_for(event_type: str, data: dict[str, Any]) -> Handler | None:
     that looks like a solitaire reply is appended to the group's open list."""
     if event_type == "order.paid" and data.get("team_id"):
         return groupbuy.pay
+    if event_type == "invite.accepted" and data.get("code"):
+        return referral.accept
     if event_type == "message.posted" and solitaire_parse.is_reply(str(data.get("text") or "")):
         return SOLITAIRE_REPLY
     return COMMANDS.get(event_type)

@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.events.dispatch import TIMER_SOURCE, BatchCache, Inbound, Reply, apply_one
 from app.mechanics.groupbuy.service import HELD, OPEN, seat_t, team_t
+from app.mechanics.referral.service import PENDING, reward_t
 from app.mechanics.solitaire import schedule
 from app.mechanics.solitaire.service import OPEN as LIST_OPEN
 from app.mechanics.solitaire.service import SCHEDULED, list_t
@@ -124,6 +125,20 @@ SWEEPS = (
         list_t.c.status == LIST_OPEN,
         lambda r: {"list_id": r.id},
         _lists(LIST_OPEN, list_t.c.closes_at),
+    ),
+    Sweep(
+        "referral_reward_hold",
+        "referral.pay_due",
+        reward_t.c.hold_until,
+        reward_t.c.status == PENDING,
+        lambda r: {"reward_id": r.id},
+        lambda now, limit: (
+            select(reward_t.c.id, reward_t.c.tenant_id, reward_t.c.hold_until.label("due"))
+            .where(reward_t.c.status == PENDING, reward_t.c.hold_until <= now)
+            .order_by(reward_t.c.hold_until, reward_t.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ),
     ),
     Sweep(
         "voucher_expiry",

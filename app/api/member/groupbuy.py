@@ -1,4 +1,4 @@
-"""Group-buy and vouchers for the mini-program, with the member token.
+"""Group-buy, vouchers and referral codes for the mini-program, with the member token.
 
 Opening, joining and leaving go through the write path (the answer carries the team's live
 state and the member's funnel outcomes). Reading a team needs only its id, which is the
@@ -174,3 +174,15 @@ async def my_vouchers(
             return {"vouchers": [voucher_json(r, now) for r in rows]}
 
     return await run_in_threadpool(read)
+
+
+@router.post("/referral/{funnel}/{campaign}", responses=responses(401, 404, 429))
+async def my_referral(
+    funnel: str, campaign: str, request: Request, claims: MemberClaimsDep
+) -> Response:
+    """Your invite code for a referral campaign (made on first ask, the same ever after), its
+    share path, the friends who accepted it and whether they qualified, and your rewards
+    (pending through the hold, then paid; voided by a refund)."""
+    request.app.state.rate_limiter.check(claims.tenant_id)
+    data = {"funnel": funnel, "campaign": campaign}
+    return await submit(request, _item(claims, "referral.mine", data, None))

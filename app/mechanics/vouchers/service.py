@@ -69,7 +69,7 @@ def issue(
     """Issue one voucher for `origin`, or return the one it already issued.
     Returns (row, created)."""
     inserted = conn.execute(
-        _INSERTS[conn.dialect.name],
+        _INSERTS[conn.dialect.name].returning(voucher_t.c.id),
         {
             "tenant_id": tenant_id,
             "member_id": member_id,
@@ -85,11 +85,11 @@ def issue(
             "issued_at": now,
             "expires_at": now + valid_for,
         },
-    ).rowcount
+    ).first()
     row = conn.execute(
         select(voucher_t).where(voucher_t.c.tenant_id == tenant_id, voucher_t.c.origin == origin)
     ).one()
-    return row, bool(inserted)
+    return row, inserted is not None
 
 
 def by_code(conn: Connection, tenant_id: int, code: str) -> Any:
