@@ -5,7 +5,9 @@ path (`apply_batch`: its own transaction, deadlock retry and all).
 - 200 members join one team of 3 at the same instant: exactly 2 get in, 198 get a 409;
 - 200 members open teams of a stock-limited campaign at once: never more than the stock;
 - 20 tills redeem one voucher at once: exactly one succeeds;
-- 300 members append to one solitaire list at once: lines 1..K, no item oversold.
+- 300 members append to one solitaire list at once: lines 1..K, no item oversold;
+- 100 members accept one invite code, then 50 invitees pay twice each, all at once: one
+  link each, each reward once, the inviter's cap of 10 holds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from app.db import make_engine, session_scope
 from app.events.dispatch import Inbound, Reply, apply_batch
 from app.funnels.service import publish
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
+from app.mechanics.referral.models import ReferralLink, ReferralReward
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireStock
 from app.mechanics.vouchers.models import Voucher
 from tests.conftest import FUNNELS, _truncate, new_tenant
@@ -192,3 +195,46 @@ def test_300_simultaneous_appends_against_stock_of_50(pg):
     assert all(0 <= n <= 50 for n in reserved.values()), reserved  # never oversold
     assert reserved == dict(ordered)
     assert len(numbers) > 40  # the stock went to many members, not a handful
+
+
+def test_100_acceptances_of_one_code_and_50_qualifying_orders_at_once(pg):
+    referral = {
+        "qualify_event": "order.paid",
+        "inviter_reward": {"points": 50},
+        "invitee_reward": {"points": 20},
+        "max_rewards_per_inviter": 10,
+        "max_rewards_per_inviter_per_day": None,
+        "tiers": [],
+    }
+    doc = copy.deepcopy(LUNCH)
+    doc["mechanics"]["referral"]["colleagues"].update(referral)
+    tenant_id, _ = new_tenant(pg, "lunch")
+    with session_scope(pg) as session:
+        publish(session, tenant_id, "office-lunch", doc, OPENS)
+    [mine] = apply_batch(
+        pg,
+        [command(tenant_id, "referral.mine", "m0", funnel="office-lunch", campaign="colleagues")],
+        OPENS,
+    )
+    assert mine.ok, mine.error
+    code = mine.body["result"]["code"]
+    accepts = [command(tenant_id, "invite.accepted", f"m{i}", code=code) for i in range(1, 101)]
+    accepts += [command(tenant_id, "invite.accepted", "m1", code=code)] * 5  # one invitee, again
+    replies = race(pg, accepts)
+    assert all(r.ok for r in replies), [r.error for r in replies if not r.ok]
+    outcomes_ = Counter(r.body["result"]["outcome"] for r in replies)
+    assert outcomes_ == Counter({"attributed": 100, "already_attributed": 5}), outcomes_
+    assert scalar(pg, select(func.count()).select_from(ReferralLink)) == 100
+
+    orders = [
+        command(tenant_id, "order.paid", f"m{i}", order_id=f"o-{i}-{n}", amount_fen=4000)
+        for i in range(1, 51)
+        for n in (1, 2)  # each invitee pays twice at once: qualifies once
+    ]
+    replies = race(pg, orders)
+    assert all(r.ok for r in replies), [r.error for r in replies if not r.ok]
+    with pg.connect() as conn:
+        kinds = Counter(conn.execute(select(ReferralReward.kind)).scalars())  # type: ignore[call-overload]
+        keys = conn.execute(select(ReferralReward.reward_key)).scalars().all()  # type: ignore[call-overload]
+    assert kinds == Counter({"invitee": 50, "inviter": 10}), kinds  # the cap of 10 held
+    assert len(keys) == len(set(keys))
