@@ -17,6 +17,7 @@ from app import problems
 from app.api import solitaire, webhooks
 from app.api.admin import deliveries, funnels, keys, members, webhook_sources, wechat
 from app.api.admin import groupbuy as admin_groupbuy
+from app.api.admin import referral as admin_referral
 from app.api.health import router as health_router
 from app.api.member import groupbuy as member_groupbuy
 from app.api.member import me, session
@@ -94,6 +95,7 @@ def create_app(
         session.router,
         member_groupbuy.router,
         admin_groupbuy.router,
+        admin_referral.router,
         solitaire.admin,
         solitaire.member,
     ):

@@ -134,3 +134,119 @@ def test_an_unknown_code_is_422_at_its_path(engine, clock):
     shop.login("a", in_group=False)
     r = shop.bot.send(event("invite.accepted", "a", code="NOPE2345"))
     assert r.status_code == 422 and r.json()["errors"][0]["path"] == "data.code"
+
+
+def test_a_shared_device_flags_the_reward_for_review_and_an_admin_decides(engine, clock):
+    shop = Shop(engine, clock, lunch_referral(**PAID_QUALIFIES))
+    a = shop.login("a")
+    assert (
+        shop.bot.send(
+            {
+                "type": "member.scanned",
+                "member": {"id": "a", "attributes": {"device_id": "dev-1"}},
+                "data": {"channel": "poster"},
+            }
+        ).status_code
+        == 200
+    )
+    code = code_of(shop, a)["code"]
+    for openid, device in (("b", "dev-1"), ("c", "dev-2")):
+        shop.bot.send(
+            {
+                "type": "member.scanned",
+                "member": {"id": openid, "attributes": {"device_id": device}},
+                "data": {"channel": "poster"},
+            }
+        )
+        accepts(shop, openid, code)
+    paid_order(shop, "b", "o-b")
+    paid_order(shop, "c", "o-c")
+    r = shop.client.get(
+        "/v1/referral/office-lunch/colleagues/rewards",
+        params={"status": "flagged"},
+        headers=shop.admin,
+    )
+    flagged = r.json()["rewards"]
+    assert {(x["member"], x["kind"]) for x in flagged} == {("a", "inviter"), ("b", "invitee")}
+    assert all(x["flags"] == ["same_device"] for x in flagged)
+    shop.clock.advance(timedelta(days=8))
+    shop.sweep()  # the flagged ones wait for review; c's are paid
+    statuses = {
+        (x["member"], x["kind"]): x["status"]
+        for x in shop.client.get(
+            "/v1/referral/office-lunch/colleagues/rewards", headers=shop.admin
+        ).json()["rewards"]
+    }
+    assert statuses[("c", "invitee")] == "paid" and statuses[("a", "inviter")] == "flagged"
+    ids = {(x["member"], x["kind"]): x["id"] for x in flagged}
+    r = shop.client.post(f"/v1/referral/rewards/{ids[('a', 'inviter')]}/void", headers=shop.admin)
+    assert r.status_code == 200 and r.json()["result"]["reward"]["status"] == "voided"
+    r = shop.client.post(
+        f"/v1/referral/rewards/{ids[('b', 'invitee')]}/release", headers=shop.admin
+    )
+    assert r.status_code == 200 and r.json()["result"]["reward"]["status"] == "paid"
+    r = shop.client.post(f"/v1/referral/rewards/{ids[('b', 'invitee')]}/void", headers=shop.admin)
+    assert r.status_code == 409 and r.json()["code"] == "reward_settled"
+
+
+def test_unreviewed_flags_are_approved_after_the_review_window_when_configured(engine, clock):
+    shop = Shop(
+        engine,
+        clock,
+        lunch_referral(**PAID_QUALIFIES, burst_per_hour=2, review_auto_approve_after="P3D"),
+    )
+    a = shop.login("a")
+    code = code_of(shop, a)["code"]
+    for openid in ("b", "c", "d"):  # the third acceptance within the hour is a burst
+        shop.login(openid, in_group=False)
+        accepts(shop, openid, code)
+    paid_order(shop, "d", "o-d")
+    [mine] = [r for r in code_of(shop, a)["rewards"]]
+    assert mine["flags"] == ["burst_of_acceptances"] and mine["status"] == "pending"
+    shop.clock.advance(timedelta(days=8))
+    shop.sweep()
+    assert code_of(shop, shop.login("a", in_group=False))["rewards"][0]["status"] == "pending"
+    shop.clock.advance(timedelta(days=2))  # hold 7 days + review 3 days
+    shop.sweep()
+    assert code_of(shop, shop.login("a", in_group=False))["rewards"][0]["status"] == "paid"
+
+
+def test_channel_codes_stats_and_the_tree(engine, clock):
+    shop = Shop(engine, clock, lunch_referral(**PAID_QUALIFIES, depth=2))
+    r = shop.client.post(
+        "/v1/referral/office-lunch/colleagues/channels",
+        json={"channel": "lobby-poster-A"},
+        headers=shop.admin,
+    )
+    assert r.status_code == 200, r.text
+    poster = r.json()["result"]["code"]
+    again = shop.client.post(
+        "/v1/referral/office-lunch/colleagues/channels",
+        json={"channel": "lobby-poster-A"},
+        headers=shop.admin,
+    )
+    assert again.json()["result"]["code"] == poster
+    shop.login("a", in_group=False)
+    assert accepts(shop, "a", poster)["result"]["outcome"] == "attributed"  # the poster brought a
+    a = shop.login("a", in_group=False)
+    code_a = code_of(shop, a)["code"]
+    for openid in ("b", "c"):
+        shop.login(openid, in_group=False)
+        accepts(shop, openid, code_a)
+    b = shop.login("b", in_group=False)
+    shop.login("d", in_group=False)
+    accepts(shop, "d", code_of(shop, b)["code"])
+    paid_order(shop, "b", "o-b")
+    paid_order(shop, "c", "o-c")
+    stats = shop.client.get("/v1/referral/office-lunch/colleagues/stats", headers=shop.admin).json()
+    assert stats["leaderboard"][0] == {"rank": 1, "nickname": "a", "qualified_invitees": 2}
+    assert stats["acceptances"] == 4 and stats["member_acceptances"] == 3
+    assert stats["code_holders"] == 2 and stats["k_factor"] == 1.5
+    assert stats["depths"] == {"1": 1, "2": 2, "3": 1}
+    tree = shop.client.get(
+        "/v1/referral/office-lunch/colleagues/members/a/tree", headers=shop.admin
+    ).json()
+    assert [
+        (t["member"], t["qualified"], [x["member"] for x in t["invitees"]])
+        for t in tree["invitees"]
+    ] == [("b", True, ["d"]), ("c", True, [])]

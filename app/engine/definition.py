@@ -428,6 +428,14 @@ class Referral(Strict):
         "P7D",
         description="rewards stay pending this long (the refund window), then are paid",
     )
+    burst_per_hour: Annotated[int, Field(ge=1)] | None = Field(
+        20, description="more acceptances of one code within an hour flag its rewards"
+    )
+    review_auto_approve_after: Duration | None = Field(
+        None,
+        description="a flagged reward nobody reviewed is approved this long after its hold "
+        "(unset: it waits for a review)",
+    )
     depth: Annotated[
         int,
         Field(

@@ -27,6 +27,8 @@ COMMANDS: dict[str, Handler] = {
     "solitaire.close_due": solitaire.announced(solitaire.close_due),
     "solitaire.finish": solitaire.announced(solitaire.finish),
     "referral.mine": referral.my_referral,
+    "referral.channel": referral.channel_code,
+    "referral.review": referral.review,
     "referral.pay_due": referral.pay_due,
     "voucher.redeem": vouchers.redeem,
     "voucher.void": vouchers.void,

@@ -17,6 +17,7 @@ class ReferralCode(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("tenant_id", "code"),
         UniqueConstraint("tenant_id", "funnel_id", "campaign", "owner_member_id"),
+        UniqueConstraint("tenant_id", "funnel_id", "campaign", "channel"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -78,6 +79,7 @@ class ReferralReward(SQLModel, table=True):
     level: int = 0  # 1 or 2 for inviter rewards up the chain
     reward: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
     status: str = Field(max_length=16)
+    flags: list[str] = Field(default_factory=list, sa_type=JSONType)
     cause_order_id: str | None = Field(default=None, max_length=128)
     hold_until: datetime = Field(sa_type=UTCDateTime)
     voucher_code: str | None = Field(default=None, max_length=32)

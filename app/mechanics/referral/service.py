@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from app.engine.definition import Referral
 from app.engine.paths import suggest
 from app.engine.schedule import parse_duration
-from app.errors import FieldProblem, NotFound
+from app.errors import Conflict, FieldProblem, NotFound
 from app.events.ingest import InvalidEvent
 from app.events.models import EventLog
 from app.funnels import store
@@ -43,7 +43,8 @@ ledger_t: Table = RewardLedger.__table__  # type: ignore[attr-defined]
 member_t: Table = Member.__table__  # type: ignore[attr-defined]
 event_t: Table = EventLog.__table__  # type: ignore[attr-defined]
 
-PENDING, APPROVED, PAID, VOIDED = "pending", "approved", "paid", "voided"
+PENDING, FLAGGED, APPROVED, PAID, VOIDED = "pending", "flagged", "approved", "paid", "voided"
+FINGERPRINTS = ("device_id", "payer_id")  # member attributes or event data, when present
 CODE_LENGTH = 8
 MAX_DEPTH = 2  # the definition refuses more; this is the second lock on the same door
 SHARE_PATH = "/pages/invite?code="
@@ -110,6 +111,44 @@ def code_for(
     ).one()
 
 
+_NEW_CHANNEL = _insert(code_t, ["tenant_id", "funnel_id", "campaign", "channel"])
+
+
+def channel_code(ctx: Context) -> Effects:
+    """`referral.channel`: a code for a poster, a lobby or a staff member — attribution
+    without a member as inviter (so no inviter reward), for "which QR code brought whom"."""
+    name, channel = str(ctx.data["campaign"]), str(ctx.data["channel"])
+    ref, _ = _campaign(ctx, str(ctx.data["funnel"]), name)
+    ctx.conn.execute(
+        _NEW_CHANNEL[ctx.conn.dialect.name],
+        {
+            "tenant_id": ctx.tenant_id,
+            "funnel_id": ref.funnel_id,
+            "campaign": name,
+            "code": "".join(secrets.choice(vouchers.ALPHABET) for _ in range(CODE_LENGTH)),
+            "channel": channel,
+            "created_at": ctx.now,
+        },
+    )
+    code = ctx.conn.execute(
+        select(code_t).where(
+            code_t.c.tenant_id == ctx.tenant_id,
+            code_t.c.funnel_id == ref.funnel_id,
+            code_t.c.campaign == name,
+            code_t.c.channel == channel,
+        )
+    ).one()
+    return Effects(
+        None,
+        {
+            "outcome": "ok",
+            "code": code.code,
+            "channel": channel,
+            "share_path": SHARE_PATH + code.code,
+        },
+    )
+
+
 def my_referral(ctx: Context) -> Effects:
     """`referral.mine`: the member's code, share path, invitees and rewards."""
     ref, _ = _campaign(ctx, str(ctx.data["funnel"]), str(ctx.data["campaign"]))
@@ -159,6 +198,8 @@ def summary(conn: Connection, code: Any, member_id: int) -> dict[str, Any]:
 
 def reward_json(r: Any) -> dict[str, Any]:
     return {
+        "id": r.id,
+        "flags": r.flags or [],
         "kind": r.kind,
         "level": r.level,
         "status": r.status,
@@ -326,12 +367,18 @@ def _qualify(
         return
     hold_until = now + parse_duration(cfg.hold)
     prefix = f"{ref.funnel_id}:{name}"
+    flags = fraud_flags(conn, link, m, data, cfg, now)
+    if flags and cfg.review_auto_approve_after:
+        hold_until += parse_duration(cfg.review_auto_approve_after)
     base = {
         "tenant_id": tenant_id,
         "funnel_id": ref.funnel_id,
         "campaign": name,
         "invitee_member_id": m.id,
-        "status": PENDING,
+        # flagged: waits for a review, or, with review_auto_approve_after, is paid that much
+        # later than its hold unless a review voids it first
+        "status": FLAGGED if flags and not cfg.review_auto_approve_after else PENDING,
+        "flags": flags,
         "cause_order_id": order_id,
         "hold_until": hold_until,
         "created_at": now,
@@ -409,6 +456,39 @@ def _qualify(
                     },
                 )
             )
+
+
+def fraud_flags(
+    conn: Connection, link: Any, m: Any, data: dict[str, Any], cfg: Referral, now: datetime
+) -> list[str]:
+    """Why this qualification looks wrong, if it does: the invitee shares a device or payer
+    with the inviter (when events or profiles carry one), or the code had a burst of
+    acceptances. Flagged rewards wait for review (or for `review_auto_approve_after`)."""
+    flags: list[str] = []
+    if link.inviter_member_id is not None:
+        inviter = (
+            conn.execute(
+                select(member_t.c.attributes).where(member_t.c.id == link.inviter_member_id)
+            ).scalar_one()
+            or {}
+        )
+        mine = {**(m.attributes or {}), **{k: data[k] for k in FINGERPRINTS if data.get(k)}}
+        for key in FINGERPRINTS:
+            if mine.get(key) and mine.get(key) == inviter.get(key):
+                flags.append(f"same_{key.removesuffix('_id')}")
+    if cfg.burst_per_hour is not None:
+        around = conn.execute(
+            select(func.count())
+            .select_from(link_t)
+            .where(
+                link_t.c.code_id == link.code_id,
+                link_t.c.accepted_at > link.accepted_at - timedelta(hours=1),
+                link_t.c.accepted_at <= link.accepted_at,
+            )
+        ).scalar_one()
+        if around > cfg.burst_per_hour:
+            flags.append("burst_of_acceptances")
+    return flags
 
 
 def event_id_count(conn: Connection, member_id: int, event_type: str, but: int) -> int:
@@ -533,6 +613,43 @@ def pay_due(ctx: Context) -> Effects:
     return effects
 
 
+def review(ctx: Context) -> Effects:
+    """`referral.review` (an admin): release a flagged reward (paid at once if its hold has
+    passed, else when it does) or void it."""
+    r = ctx.conn.execute(
+        select(reward_t)
+        .where(reward_t.c.id == int(ctx.data["reward_id"]), reward_t.c.tenant_id == ctx.tenant_id)
+        .with_for_update()
+    ).first()
+    if r is None:
+        raise NotFound(f"no referral reward {ctx.data['reward_id']}")
+    if r.status not in (PENDING, FLAGGED):
+        raise Refused("reward_settled", f"the reward is {r.status} already")
+    if ctx.data.get("decision") == "void":
+        ctx.conn.execute(
+            update(reward_t)
+            .where(reward_t.c.id == r.id)
+            .values(status=VOIDED, voided_at=ctx.now, void_reason="voided_in_review")
+        )
+        return Effects(
+            r.beneficiary_member_id,
+            {"outcome": "voided", "reward": reward_json(_reward(ctx.conn, r.id))},
+        )
+    ctx.conn.execute(update(reward_t).where(reward_t.c.id == r.id).values(status=PENDING))
+    effects = Effects(r.beneficiary_member_id, {"outcome": "released"})
+    if r.hold_until <= ctx.now:
+        paid = pay_due(ctx)
+        effects.emits, effects.actions = paid.emits, paid.actions
+    effects.result["reward"] = reward_json(_reward(ctx.conn, r.id))
+    return effects
+
+
+class Refused(Conflict):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = reason
+
+
 def _reward(conn: Connection, reward_id: int) -> Any:
     return conn.execute(select(reward_t).where(reward_t.c.id == reward_id)).one()
 
@@ -547,7 +664,7 @@ def _refunded(
         .where(
             reward_t.c.tenant_id == tenant_id,
             reward_t.c.cause_order_id == order_id,
-            reward_t.c.status.in_([PENDING, APPROVED, PAID]),
+            reward_t.c.status.in_([PENDING, FLAGGED, APPROVED, PAID]),
         )
         .with_for_update()
     ).all()

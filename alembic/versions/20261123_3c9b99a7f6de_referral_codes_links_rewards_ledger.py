@@ -1,8 +1,8 @@
 """referral codes, links, rewards, ledger
 
-Revision ID: 86ff3db061bf
+Revision ID: 3c9b99a7f6de
 Revises: 19025dd7cf53
-Create Date: 2026-11-23 10:47:27.850637
+Create Date: 2026-11-23 11:00:05.118162
 """
 from collections.abc import Sequence
 
@@ -12,7 +12,7 @@ from alembic import op
 
 import app.db_types
 
-revision: str = '86ff3db061bf'
+revision: str = '3c9b99a7f6de'
 down_revision: str | None = '19025dd7cf53'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
@@ -34,6 +34,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['tenant_id'], ['tenant.id'], name=op.f('fk_referral_code_tenant_id_tenant')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_referral_code')),
     sa.UniqueConstraint('tenant_id', 'code', name=op.f('uq_referral_code_tenant_id_code')),
+    sa.UniqueConstraint('tenant_id', 'funnel_id', 'campaign', 'channel', name=op.f('uq_referral_code_tenant_id_funnel_id_campaign_channel')),
     sa.UniqueConstraint('tenant_id', 'funnel_id', 'campaign', 'owner_member_id', name=op.f('uq_referral_code_tenant_id_funnel_id_campaign_owner_member_id'))
     )
     op.create_table('referral_reward',
@@ -48,6 +49,7 @@ def upgrade() -> None:
     sa.Column('level', sa.Integer(), nullable=False),
     sa.Column('reward', app.db_types.JSONType, nullable=False),
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('flags', app.db_types.JSONType, nullable=False),
     sa.Column('cause_order_id', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
     sa.Column('hold_until', app.db_types.UTCDateTime(), nullable=False),
     sa.Column('voucher_code', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=True),
