@@ -243,6 +243,8 @@ def test_channel_codes_stats_and_the_tree(engine, clock):
     assert stats["acceptances"] == 4 and stats["member_acceptances"] == 3
     assert stats["code_holders"] == 2 and stats["k_factor"] == 1.5
     assert stats["depths"] == {"1": 1, "2": 2, "3": 1}
+    assert stats["never_active_invitees"] == 1  # d accepted and was never seen again
+    assert stats["never_active_by_inviter"] == [{"inviter": "b", "invitees": 1}]
     tree = shop.client.get(
         "/v1/referral/office-lunch/colleagues/members/a/tree", headers=shop.admin
     ).json()

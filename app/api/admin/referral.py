@@ -19,7 +19,7 @@ from app.db import read_connection
 from app.errors import NotFound
 from app.events.dispatch import Inbound
 from app.funnels.store import funnel_t
-from app.mechanics.referral.service import code_t, link_t, member_t, reward_json, reward_t
+from app.mechanics.referral.service import code_t, event_t, link_t, member_t, reward_json, reward_t
 from app.problems import responses
 
 router = APIRouter(prefix="/v1/referral", tags=["referral"], responses=responses(401))
@@ -126,6 +126,12 @@ async def rewards(
     return await run_in_threadpool(read)
 
 
+def _nickname(conn: Connection, member_id: int | None) -> str | None:
+    if member_id is None:
+        return None  # a channel code
+    return conn.execute(select(member_t.c.nickname).where(member_t.c.id == member_id)).scalar()
+
+
 @router.get("/{funnel}/{campaign}/stats", responses=responses(404))
 async def stats(
     funnel: str,
@@ -185,6 +191,20 @@ async def stats(
                 while node is not None and node in parent and depth < 100:
                     depth, node = depth + 1, parent[node]
                 depths[depth] += 1
+            silent = conn.execute(  # invitees with no event of their own since accepting
+                select(link_t.c.inviter_member_id, func.count())
+                .where(
+                    *where,
+                    ~select(event_t.c.id)
+                    .where(
+                        event_t.c.member_id == link_t.c.invitee_member_id,
+                        event_t.c.received_at >= link_t.c.accepted_at,
+                        event_t.c.type != "invite.accepted",
+                    )
+                    .exists(),
+                )
+                .group_by(link_t.c.inviter_member_id)
+            ).all()
             accepted = sum(1 for _, inviter, _ in links if inviter is not None)
             qualified = sum(1 for _, _, q in links if q is not None)
             return {
@@ -199,6 +219,13 @@ async def stats(
                 "k_factor": round(accepted / holders, 3) if holders else 0.0,
                 "conversion": round(qualified / len(links), 3) if links else 0.0,
                 "depths": {str(d): n for d, n in sorted(depths.items())},
+                # a code whose invitees never show up again is worth a look (fraud, or a
+                # poster in the wrong place)
+                "never_active_invitees": sum(n for _, n in silent),
+                "never_active_by_inviter": [
+                    {"inviter": _nickname(conn, inviter), "invitees": n}
+                    for inviter, n in sorted(silent, key=lambda x: -x[1])[:10]
+                ],
             }
 
     return await run_in_threadpool(read)
