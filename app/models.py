@@ -7,6 +7,7 @@ from app.identity.models import WeChatApp
 from app.mechanics.community.models import GroupMember
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
 from app.mechanics.referral.models import ReferralCode, ReferralLink, ReferralReward, RewardLedger
+from app.mechanics.rewards.models import CheckIn, PointsBalance, PointsEntry
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
 from app.mechanics.vouchers.models import Voucher
 from app.members.models import Member
@@ -18,6 +19,7 @@ __all__ = [
     "ActionEndpoint",
     "ApiKey",
     "CampaignCounter",
+    "CheckIn",
     "DeliveryAttempt",
     "EventLog",
     "Funnel",
@@ -26,6 +28,8 @@ __all__ = [
     "GroupMember",
     "Member",
     "Outbox",
+    "PointsBalance",
+    "PointsEntry",
     "ReferralCode",
     "ReferralLink",
     "ReferralReward",

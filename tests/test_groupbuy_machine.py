@@ -134,6 +134,16 @@ class GroupBuyMachine(RuleBasedStateMachine):
         if free:
             self.join(team, data.draw(st.sampled_from(free)))
 
+    @rule(team=teams)
+    def fill(self, team: str) -> None:
+        """Free members join until the team is full (or nobody free is left)."""
+        for member in MEMBERS:
+            t = self.model.get(team)
+            if t is None or t["status"] != "open":
+                return
+            if self.open_team_of(member) is None:
+                self.join(team, member)
+
     @rule(team=teams, member=st.sampled_from(MEMBERS))
     def leave(self, team: str, member: str) -> None:
         reply = self.apply("groupbuy.leave", member, team=team)
@@ -249,7 +259,9 @@ def test_group_buy_and_voucher_invariants(sqlite_template, tmp_path):
     run_state_machine_as_test(
         GroupBuyMachine,
         settings=settings(
-            max_examples=max(10, settings.default.max_examples // 2), stateful_step_count=30
+            max_examples=max(10, settings.default.max_examples // 2),
+            stateful_step_count=30,
+            derandomize=True,  # the same examples every run: the coverage check is stable
         ),
     )
     assert {"succeeded", "failed", "redeemed"} <= set(GroupBuyMachine.seen), GroupBuyMachine.seen

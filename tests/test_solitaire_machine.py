@@ -122,7 +122,10 @@ class SolitaireMachine(RuleBasedStateMachine):
             ).all()
         return [(r[0], r[1]) for r in rows]
 
-    @rule(data=st.data(), items=orders)
+    @rule(
+        data=st.data(),
+        items=orders | st.sampled_from([[{"sku": "tea", "qty": 1}], [{"sku": "egg", "qty": 1}]]),
+    )
     def change_mine(self, data: st.DataObject, items: list[dict[str, Any]]) -> None:
         """A member changes one of their own live lines (the common case)."""
         lines = self.live_lines()
@@ -186,7 +189,9 @@ def test_solitaire_invariants(sqlite_template, tmp_path):
     run_state_machine_as_test(
         SolitaireMachine,
         settings=settings(
-            max_examples=max(10, settings.default.max_examples // 2), stateful_step_count=40
+            max_examples=max(10, settings.default.max_examples // 2),
+            stateful_step_count=40,
+            derandomize=True,  # the same examples every run: the coverage check is stable
         ),
     )
     for kind in ("solitaire.append", "solitaire.change", "solitaire.withdraw", "solitaire.close"):

@@ -46,6 +46,7 @@ from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler
 from app.mechanics.community import service as community
 from app.mechanics.referral import service as referral
 from app.mechanics.registry import command_for
+from app.mechanics.rewards import checkin, points
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
 from app.observability import Metrics
@@ -61,7 +62,12 @@ TIMER_SOURCE = "timer"
 EMITTED_SOURCE = "flywheel"  # events Flywheel emits itself (groupbuy.succeeded, voucher.issued)
 DEADLOCK_RETRIES = 3
 GROUP_EVENTS = frozenset({"member.joined", "member.left"})  # kept as group membership
-MAX_CASCADE = 4  # an emitted event's funnels may emit more (a voucher issued), this deep
+MAX_CASCADE = 4
+# Mechanics that watch plain and emitted events: referral qualification and refunds, check-in.
+WATCHERS = (
+    referral.observe,
+    checkin.observe,
+)  # an emitted event's funnels may emit more (a voucher issued), this deep
 
 
 @dataclass(frozen=True)
@@ -293,7 +299,11 @@ def _step_member(
     watch plain events (referral qualification, refunds) see it first."""
     profile = _profile(m)
     versions = cache.open_versions(conn, tenant_id)
-    watched = referral.observe(conn, tenant_id, m, event_type, data, event_id, now, versions)
+    watched = [
+        fx
+        for watch in WATCHERS
+        if (fx := watch(conn, tenant_id, m, event_type, data, event_id, now, versions))
+    ]
     instances = store.member_instances(conn, m.id)
     candidates: dict[int, store.VersionRef] = {v.funnel_id: v for v in versions}
     for current in instances.values():
@@ -301,9 +311,9 @@ def _step_member(
             candidates[current.funnel_id] = current.ref  # members finish the version they began
     event = Event(type=event_type, data=data, id=str(event_id))
     outcomes, n_actions, emits = [], 0, []
-    if watched is not None:
-        emits.extend(watched.emits)
-        n_actions += _enqueue_direct(conn, tenant_id, watched.actions, event_id, event_type, now)
+    for fx in watched:
+        emits.extend(fx.emits)
+        n_actions += _enqueue_direct(conn, tenant_id, fx.actions, event_id, event_type, now)
     for funnel_id, ref in candidates.items():
         inst = instances.get(funnel_id)
         active = inst is not None and inst.status == "active"
@@ -492,6 +502,7 @@ def _persist(
             now=now,
         )
         actions, emits = _issue_vouchers(conn, tenant_id, m.id, ref, actions, event_id, now)
+        actions = _grant_points(conn, tenant_id, m.id, ref, actions, event_id, now)
         ids = enqueue(
             conn,
             tenant_id=tenant_id,
@@ -572,6 +583,44 @@ def _issue_vouchers(
         out.append(replace(a, params=params))
         emits.append(Emit(member_id, "voucher.issued", vouchers.event_data(row)))
     return out, emits
+
+
+def _grant_points(
+    conn: Connection,
+    tenant_id: int,
+    member_id: int,
+    ref: store.VersionRef,
+    actions: list[PlannedAction],
+    event_id: int,
+    now: datetime,
+) -> list[PlannedAction]:
+    """A funnel's `grant_points` action posts to the member's points ledger (a deduction
+    takes at most what the member has: a balance never goes negative); the action, with the
+    new balance, still goes to the merchant."""
+    out = []
+    for i, a in enumerate(actions):
+        if a.type != "grant_points":
+            out.append(a)
+            continue
+        wanted = int(a.params.get("points") or 0)
+        if wanted < 0:
+            wanted = -min(-wanted, points.balance(conn, tenant_id, member_id))
+        points.post(
+            conn,
+            tenant_id,
+            member_id,
+            wanted,
+            f"event:{event_id}:{ref.funnel_id}:{i}",
+            now,
+            str(a.params.get("reason") or f"funnel {ref.key}"),
+        )
+        params = {
+            **a.params,
+            "points": wanted,
+            "balance": points.balance(conn, tenant_id, member_id),
+        }
+        out.append(replace(a, params=params))
+    return out
 
 
 def _body(

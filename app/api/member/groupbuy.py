@@ -22,6 +22,7 @@ from app.errors import NotFound
 from app.events.dispatch import Inbound
 from app.events.schemas import Profile
 from app.mechanics.groupbuy.service import seat_t, team_json, team_t
+from app.mechanics.rewards import points
 from app.mechanics.vouchers.service import to_json as voucher_json
 from app.mechanics.vouchers.service import voucher_t
 from app.problems import responses
@@ -186,3 +187,18 @@ async def my_referral(
     request.app.state.rate_limiter.check(claims.tenant_id)
     data = {"funnel": funnel, "campaign": campaign}
     return await submit(request, _item(claims, "referral.mine", data, None))
+
+
+@router.get("/points", responses=responses(401))
+async def my_points(request: Request, claims: MemberClaimsDep) -> dict[str, Any]:
+    """Your points balance and latest ledger entries (credits, debits, reversals)."""
+    engine: Engine = request.app.state.engine
+
+    def read() -> dict[str, Any]:
+        with read_connection(engine) as conn:
+            return {
+                "balance": points.balance(conn, claims.tenant_id, claims.member_id),
+                "entries": points.entries(conn, claims.tenant_id, claims.member_id),
+            }
+
+    return await run_in_threadpool(read)

@@ -33,6 +33,7 @@ from app.events.models import EventLog
 from app.funnels import store
 from app.mechanics.commands import Context, DirectAction, Effects, Emit
 from app.mechanics.referral.models import ReferralCode, ReferralLink, ReferralReward, RewardLedger
+from app.mechanics.rewards import points as ledger
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
 
@@ -576,6 +577,15 @@ def pay_due(ctx: Context) -> Effects:
         )
     points = int(reward.get("points") or 0)
     if points:
+        ledger.post(
+            ctx.conn,
+            r.tenant_id,
+            r.beneficiary_member_id,
+            points,
+            f"referral:{r.id}",
+            ctx.now,
+            f"referral {r.kind}",
+        )
         effects.actions.append(
             DirectAction(
                 r.beneficiary_member_id,
@@ -691,6 +701,7 @@ def _refunded(
             )
         )
         if paid.points:
+            ledger.reverse(conn, tenant_id, f"referral:{r.id}", now, "referral reward reversed")
             effects.actions.append(
                 DirectAction(
                     r.beneficiary_member_id,

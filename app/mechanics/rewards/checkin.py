@@ -1,0 +1,135 @@
+"""Check-in (签到/打卡): once per member and local day, with streaks and streak rewards.
+
+A `member.checked_in` event checks the member in to every `check_in` campaign of the funnels
+open to the tenant: one row per local day in the funnel's zone (a unique key, so a second
+check-in that day changes nothing), its streak one more than yesterday's or 1. Each time the
+streak reaches a multiple of `streak_days`, the campaign's reward is granted once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Table, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from app.engine.schedule import parse_duration
+from app.funnels import store
+from app.mechanics.commands import DirectAction, Effects, Emit
+from app.mechanics.rewards import points
+from app.mechanics.rewards.models import CheckIn
+from app.mechanics.vouchers import service as vouchers
+
+checkin_t: Table = CheckIn.__table__  # type: ignore[attr-defined]
+_NEW = {
+    name: mod.insert(checkin_t)
+    .on_conflict_do_nothing(
+        index_elements=["tenant_id", "funnel_id", "campaign", "member_id", "local_date"]
+    )
+    .returning(checkin_t.c.id)
+    for name, mod in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+
+
+def observe(
+    conn: Connection,
+    tenant_id: int,
+    m: Any,
+    event_type: str,
+    data: dict[str, Any],
+    event_id: int,
+    now: datetime,
+    versions: list[store.VersionRef],
+) -> Effects | None:
+    if event_type != "member.checked_in":
+        return None
+    effects = Effects(m.id, {})
+    for ref in versions:
+        funnel = store.compiled_version(conn, ref)
+        for name, cfg in funnel.definition.mechanics.rewards.items():
+            if cfg.kind != "check_in":
+                continue
+            if (cfg.starts_at and now < cfg.starts_at) or (cfg.ends_at and now >= cfg.ends_at):
+                continue
+            day = now.astimezone(funnel.zone).date()  # the member's day in the funnel's zone
+            key = {
+                "tenant_id": tenant_id,
+                "funnel_id": ref.funnel_id,
+                "campaign": name,
+                "member_id": m.id,
+            }
+            before = conn.execute(
+                select(checkin_t.c.streak).where(
+                    *(checkin_t.c[k] == v for k, v in key.items()),
+                    checkin_t.c.local_date == day - timedelta(days=1),
+                )
+            ).scalar()
+            streak = (before or 0) + 1
+            made = conn.execute(
+                _NEW[conn.dialect.name],
+                {**key, "local_date": day, "streak": streak, "created_at": now},
+            ).scalar()
+            if made is None:
+                continue  # checked in today already
+            if cfg.streak_days and cfg.reward and streak % cfg.streak_days == 0:
+                origin = f"checkin:{ref.funnel_id}:{name}:{m.id}:{day.isoformat()}"
+                grant(
+                    conn,
+                    tenant_id,
+                    m.id,
+                    cfg.reward.model_dump(mode="json"),
+                    origin,
+                    f"rewards.{name}",
+                    ref.funnel_id,
+                    now,
+                    effects,
+                )
+    return effects if effects.emits or effects.actions else None
+
+
+def grant(
+    conn: Connection,
+    tenant_id: int,
+    member_id: int,
+    reward: dict[str, Any],
+    origin: str,
+    source: str,
+    funnel_id: int | None,
+    now: datetime,
+    effects: Effects,
+) -> None:
+    """Grant a reward (voucher, points, actions) once per `origin`."""
+    if reward.get("voucher"):
+        v = reward["voucher"]
+        row, created = vouchers.issue(
+            conn,
+            tenant_id=tenant_id,
+            member_id=member_id,
+            name=v["voucher"],
+            value_fen=v.get("value_fen"),
+            discount_percent=v.get("discount_percent"),
+            valid_for=parse_duration(v.get("valid_for", "P7D")),
+            origin=origin,
+            mechanic=source,
+            funnel_id=funnel_id,
+            now=now,
+        )
+        if created:
+            effects.emits.append(
+                Emit(member_id, "voucher.issued", vouchers.event_data(row, source))
+            )
+    if reward.get("points") and points.post(
+        conn, tenant_id, member_id, int(reward["points"]), origin, now, source
+    ):
+        effects.actions.append(
+            DirectAction(
+                member_id,
+                "grant_points",
+                {"points": reward["points"], "reason": source, "idempotency_key": origin},
+                source,
+            )
+        )
+    for action in reward.get("actions") or []:
+        params = {k: v for k, v in action.items() if k != "type"}
+        effects.actions.append(DirectAction(member_id, action["type"], params, source))
