@@ -9,12 +9,13 @@ is reconnected to without restarting the service.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
+from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
 
@@ -28,6 +29,20 @@ NAMING_CONVENTION = {
 }
 READ_ONLY = "flywheel_read_only"
 metadata: MetaData = SQLModel.metadata
+
+
+def insert_or_skip(table: Table, keys: Sequence[str], returning: Any = None) -> dict[str, Any]:
+    """`INSERT … ON CONFLICT (keys) DO NOTHING [RETURNING returning]`, built once for each
+    dialect (both have it); execute `stmt[conn.dialect.name]`. A row that was skipped returns
+    nothing, which is how callers tell "made it" from "it was there": rowcount is not reliable
+    for this on every driver."""
+    out: dict[str, Any] = {}
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
+        stmt = dialect.insert(table).on_conflict_do_nothing(index_elements=list(keys))
+        out[name] = stmt.returning(returning) if returning is not None else stmt
+    return out
+
+
 metadata.naming_convention = NAMING_CONVENTION
 
 

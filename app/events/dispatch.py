@@ -30,10 +30,10 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.clock import Clock
+from app.db import insert_or_skip
 from app.engine import MemberState, step
 from app.engine.catalogue import BUILTIN_EVENTS
 from app.engine.schedule import parse_duration
@@ -119,15 +119,7 @@ class BatchCache:
 
 
 # Statements built once (see app.funnels.store); ON CONFLICT needs the dialect's insert.
-def _on_conflict_insert(table: Table, keys: list[str], returning: bool) -> dict[str, Any]:
-    out = {}
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
-        stmt = dialect.insert(table).on_conflict_do_nothing(index_elements=keys)
-        out[name] = stmt.returning(table.c.id) if returning else stmt
-    return out
-
-
-_CLAIM_KEY = _on_conflict_insert(event_t, ["tenant_id", "source", "dedupe_key"], returning=True)
+_CLAIM_KEY = insert_or_skip(event_t, ["tenant_id", "source", "dedupe_key"], event_t.c.id)
 _INSERT_EVENT = insert(event_t).returning(event_t.c.id)
 _RESPOND = (
     update(event_t)
@@ -155,7 +147,7 @@ _MEMBER_BY_ID = (
     .where(member_t.c.id == bindparam("b_id"), member_t.c.tenant_id == bindparam("b_tenant"))
     .with_for_update()
 )
-_NEW_MEMBER = _on_conflict_insert(member_t, ["tenant_id", "external_id"], returning=False)
+_NEW_MEMBER = insert_or_skip(member_t, ["tenant_id", "external_id"])
 _DROP_TIMER = delete(timer_t).where(timer_t.c.id == bindparam("b_id"))
 
 

@@ -6,17 +6,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 
+from app.db import insert_or_skip
 from app.mechanics.community.models import GroupMember
 
 group_member_t: Table = GroupMember.__table__  # type: ignore[attr-defined]
-_JOIN = {
-    name: mod.insert(group_member_t).on_conflict_do_nothing(
-        index_elements=["tenant_id", "group_id", "member_id"]
-    )
-    for name, mod in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+_JOIN = insert_or_skip(group_member_t, ["tenant_id", "group_id", "member_id"])
 
 
 def joined(conn: Connection, tenant_id: int, group_id: str, member_id: int, now: datetime) -> None:

@@ -23,8 +23,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from app.db import insert_or_skip
 from app.engine.definition import GroupBuy
 from app.engine.paths import suggest
 from app.engine.schedule import parse_duration
@@ -143,14 +143,7 @@ def _uses_counter(cfg: GroupBuy) -> bool:
     return bool(cfg.stock_teams or cfg.stock_seats or cfg.max_open_teams)
 
 
-def _counter_insert(dialect: str) -> Any:
-    mod = postgresql if dialect == "postgresql" else sqlite
-    return mod.insert(counter_t).on_conflict_do_nothing(
-        index_elements=["tenant_id", "funnel_id", "campaign"]
-    )
-
-
-_COUNTER_INSERT = {d: _counter_insert(d) for d in ("postgresql", "sqlite")}
+_COUNTER_INSERT = insert_or_skip(counter_t, ["tenant_id", "funnel_id", "campaign"])
 
 
 def _take(

@@ -22,8 +22,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Table, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from app.db import insert_or_skip
 from app.engine.definition import Referral
 from app.engine.paths import suggest
 from app.engine.schedule import parse_duration
@@ -51,16 +51,11 @@ MAX_DEPTH = 2  # the definition refuses more; this is the second lock on the sam
 SHARE_PATH = "/pages/invite?code="
 
 
-def _insert(table: Table, keys: list[str]) -> dict[str, Any]:
-    return {
-        "postgresql": postgresql.insert(table).on_conflict_do_nothing(index_elements=keys),
-        "sqlite": sqlite.insert(table).on_conflict_do_nothing(index_elements=keys),
-    }
-
-
-_NEW_CODE = _insert(code_t, ["tenant_id", "funnel_id", "campaign", "owner_member_id"])
-_NEW_LINK = _insert(link_t, ["tenant_id", "funnel_id", "campaign", "invitee_member_id"])
-_NEW_REWARD = _insert(reward_t, ["tenant_id", "reward_key"])
+_NEW_CODE = insert_or_skip(code_t, ["tenant_id", "funnel_id", "campaign", "owner_member_id"])
+_NEW_LINK = insert_or_skip(
+    link_t, ["tenant_id", "funnel_id", "campaign", "invitee_member_id"], link_t.c.id
+)
+_NEW_REWARD = insert_or_skip(reward_t, ["tenant_id", "reward_key"])
 
 
 def campaigns(
@@ -112,7 +107,7 @@ def code_for(
     ).one()
 
 
-_NEW_CHANNEL = _insert(code_t, ["tenant_id", "funnel_id", "campaign", "channel"])
+_NEW_CHANNEL = insert_or_skip(code_t, ["tenant_id", "funnel_id", "campaign", "channel"])
 
 
 def channel_code(ctx: Context) -> Effects:
@@ -270,7 +265,7 @@ def _attribute(ctx: Context, code: Any, invitee: Any) -> str:
         "invitee_member_id": invitee.id,
     }
     inserted = ctx.conn.execute(
-        _NEW_LINK[ctx.conn.dialect.name].returning(link_t.c.id),
+        _NEW_LINK[ctx.conn.dialect.name],
         {**key, "inviter_member_id": inviter, "code_id": code.id, "accepted_at": ctx.now},
     ).first()
     if inserted is not None:

@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Table, select
-from sqlalchemy.dialects import postgresql, sqlite
 
+from app.db import insert_or_skip
 from app.engine.schedule import parse_duration
 from app.funnels import store
 from app.mechanics.commands import DirectAction, Effects, Emit
@@ -22,14 +22,11 @@ from app.mechanics.rewards.models import CheckIn
 from app.mechanics.vouchers import service as vouchers
 
 checkin_t: Table = CheckIn.__table__  # type: ignore[attr-defined]
-_NEW = {
-    name: mod.insert(checkin_t)
-    .on_conflict_do_nothing(
-        index_elements=["tenant_id", "funnel_id", "campaign", "member_id", "local_date"]
-    )
-    .returning(checkin_t.c.id)
-    for name, mod in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+_NEW = insert_or_skip(
+    checkin_t,
+    ["tenant_id", "funnel_id", "campaign", "member_id", "local_date"],
+    checkin_t.c.id,
+)
 
 
 def observe(

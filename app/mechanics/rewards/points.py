@@ -6,8 +6,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from app.db import insert_or_skip
 from app.errors import Conflict
 from app.mechanics.rewards.models import PointsBalance, PointsEntry
 
@@ -19,15 +19,8 @@ class NotEnoughPoints(Conflict):
     code = "not_enough_points"
 
 
-def _insert(table: Table, keys: list[str]) -> dict[str, Any]:
-    return {
-        "postgresql": postgresql.insert(table).on_conflict_do_nothing(index_elements=keys),
-        "sqlite": sqlite.insert(table).on_conflict_do_nothing(index_elements=keys),
-    }
-
-
-_NEW_BALANCE = _insert(balance_t, ["tenant_id", "member_id"])
-_NEW_ENTRY = _insert(entry_t, ["tenant_id", "origin"])
+_NEW_BALANCE = insert_or_skip(balance_t, ["tenant_id", "member_id"])
+_NEW_ENTRY = insert_or_skip(entry_t, ["tenant_id", "origin"], entry_t.c.id)
 
 
 def post(
@@ -45,7 +38,7 @@ def post(
     if points == 0:
         return None
     entry_id = conn.execute(
-        _NEW_ENTRY[conn.dialect.name].returning(entry_t.c.id),
+        _NEW_ENTRY[conn.dialect.name],
         {
             "tenant_id": tenant_id,
             "member_id": member_id,

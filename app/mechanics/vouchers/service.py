@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Table, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from app.db import insert_or_skip
 from app.errors import Conflict, NotFound
 from app.mechanics.vouchers.models import Voucher
 
@@ -43,12 +43,7 @@ def normalize(code: str) -> str:
     return code.replace("-", "").replace(" ", "").upper()
 
 
-def _insert(dialect: str) -> Any:
-    mod = postgresql if dialect == "postgresql" else sqlite
-    return mod.insert(voucher_t).on_conflict_do_nothing(index_elements=["tenant_id", "origin"])
-
-
-_INSERTS = {"postgresql": _insert("postgresql"), "sqlite": _insert("sqlite")}
+_INSERTS = insert_or_skip(voucher_t, ["tenant_id", "origin"], voucher_t.c.id)
 
 
 def issue(
@@ -69,7 +64,7 @@ def issue(
     """Issue one voucher for `origin`, or return the one it already issued.
     Returns (row, created)."""
     inserted = conn.execute(
-        _INSERTS[conn.dialect.name].returning(voucher_t.c.id),
+        _INSERTS[conn.dialect.name],
         {
             "tenant_id": tenant_id,
             "member_id": member_id,
