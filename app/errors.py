@@ -45,6 +45,15 @@ class Conflict(DomainError):
     status, code, title = 409, "conflict", "Conflict"
 
 
+class Refused(Conflict):
+    """An operation on a mechanic that cannot happen, with `code` naming why (`team_full`,
+    `sold_out`, `voucher_already_redeemed`…): a 409 a client can branch on."""
+
+    def __init__(self, reason: str, detail: str, errors: list[FieldProblem] | None = None) -> None:
+        super().__init__(detail, errors=errors)
+        self.code = reason
+
+
 class Unauthorized(DomainError):
     status, code, title = 401, "unauthorized", "Unauthorized"
 

@@ -28,7 +28,7 @@ from app.db import insert_or_skip
 from app.engine.definition import GroupBuy
 from app.engine.paths import suggest
 from app.engine.schedule import parse_duration
-from app.errors import Conflict, FieldProblem, NotFound
+from app.errors import FieldProblem, NotFound, Refused
 from app.events.models import EventLog
 from app.funnels import store
 from app.mechanics.commands import Context, DirectAction, Effects, Emit
@@ -47,14 +47,6 @@ OPEN, SUCCEEDED, FAILED, CANCELLED = "open", "succeeded", "failed", "cancelled"
 HELD, ACTIVE, LEFT, RELEASED = "held", "active", "left", "released"
 LEADER, MEMBER = "leader", "member"
 SHARE_PATH = "/pages/groupbuy/team?id="
-
-
-class Refused(Conflict):
-    """A group-buy operation that cannot happen; `code` is the reason (see `rules`)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = reason
 
 
 class InvalidReference(NotFound):

@@ -27,7 +27,7 @@ from app.db import insert_or_skip
 from app.engine.definition import Referral
 from app.engine.paths import suggest
 from app.engine.schedule import parse_duration
-from app.errors import Conflict, FieldProblem, NotFound
+from app.errors import FieldProblem, NotFound, Refused
 from app.events.ingest import InvalidEvent
 from app.events.models import EventLog
 from app.funnels import store
@@ -647,12 +647,6 @@ def review(ctx: Context) -> Effects:
         effects.emits, effects.actions = paid.emits, paid.actions
     effects.result["reward"] = reward_json(_reward(ctx.conn, r.id))
     return effects
-
-
-class Refused(Conflict):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = reason
 
 
 def _reward(conn: Connection, reward_id: int) -> Any:

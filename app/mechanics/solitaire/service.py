@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Table, select, update
 from app.engine.definition import Solitaire
 from app.engine.paths import pydantic_loc_to_path, suggest
 from app.engine.schedule import parse_duration
-from app.errors import Conflict, FieldProblem, NotFound
+from app.errors import FieldProblem, NotFound, Refused
 from app.events.ingest import InvalidEvent
 from app.funnels import store
 from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler
@@ -47,12 +47,6 @@ SCHEDULED, OPEN, CLOSED, FULFILLED, CANCELLED = (
     "cancelled",
 )
 LIVE, WITHDRAWN = "live", "withdrawn"
-
-
-class Refused(Conflict):
-    def __init__(self, reason: str, detail: str, errors: list[FieldProblem] | None = None) -> None:
-        super().__init__(detail, errors=errors)
-        self.code = reason
 
 
 # ── opening ───────────────────────────────────────────────────────────────────────────────

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, select, update
 
 from app.db import insert_or_skip
-from app.errors import Conflict, NotFound
+from app.errors import NotFound, Refused
 from app.mechanics.vouchers.models import Voucher
 
 voucher_t: Table = Voucher.__table__  # type: ignore[attr-defined]
@@ -20,14 +20,6 @@ ISSUED, REDEEMED, EXPIRED, VOIDED = "issued", "redeemed", "expired", "voided"
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 CODE_LENGTH = 12  # 60 bits: unguessable, still short enough to type at a till
 QR_PREFIX = "flywheel:voucher:"
-
-
-class VoucherRefused(Conflict):
-    """A redemption or void that cannot happen; `code` says why."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = reason
 
 
 def new_code() -> str:
@@ -96,16 +88,16 @@ def by_code(conn: Connection, tenant_id: int, code: str) -> Any:
     return row
 
 
-def _refusal(row: Any, now: datetime) -> VoucherRefused:
+def _refusal(row: Any, now: datetime) -> Refused:
     if row.status == REDEEMED:
         when = row.redeemed_at.isoformat() if row.redeemed_at else "earlier"
-        return VoucherRefused(
+        return Refused(
             "voucher_already_redeemed", f"voucher {row.code} was already redeemed at {when}"
         )
     if row.status == VOIDED:
-        return VoucherRefused("voucher_voided", f"voucher {row.code} was voided")
+        return Refused("voucher_voided", f"voucher {row.code} was voided")
     if row.status == EXPIRED or row.expires_at <= now:
-        return VoucherRefused(
+        return Refused(
             "voucher_expired", f"voucher {row.code} expired at {row.expires_at.isoformat()}"
         )
     raise AssertionError(f"voucher {row.code} is {row.status}")
