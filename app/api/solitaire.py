@@ -10,15 +10,12 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Body, Header, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import AwareDatetime, BaseModel, Field
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, select
 
 from app.api.deps import MemberClaimsDep, TenantIdDep
-from app.api.submit import digest, submit
-from app.db import read_connection
+from app.api.submit import command, member_command, read_only, submit
 from app.errors import NotFound
-from app.events.dispatch import Inbound
 from app.mechanics.solitaire import rules
 from app.mechanics.solitaire.service import lines_of, list_json, list_t
 from app.problems import responses
@@ -66,44 +63,22 @@ class Finish(BaseModel):
     reason: str | None = Field(default=None, max_length=64)
 
 
-def _command(
-    tenant_id: int,
-    kind: str,
-    data: dict[str, Any],
-    key: str | None,
-    source: str,
-    member_id: int | None = None,
-) -> Inbound:
-    return Inbound(
-        tenant_id=tenant_id,
-        source=source,
-        type=kind,
-        data=data,
-        key=f"{member_id}:{key}" if key and member_id else key,
-        digest=digest(kind, data) if key else None,
-        member_id=member_id,
-    )
-
-
 def _json(body: BaseModel) -> dict[str, Any]:
     return body.model_dump(mode="json", exclude_none=True)
 
 
-def _read(request: Request, tenant_id: int, public_id: str, render: Any) -> Any:
-    engine: Engine = request.app.state.engine
+async def _read(request: Request, tenant_id: int, public_id: str, render: Any) -> Any:
+    """`render(conn, list_row)` for one of the tenant's lists, or a 404."""
 
-    def read() -> Any:
-        with read_connection(engine) as conn:
-            sl = conn.execute(
-                select(list_t).where(
-                    list_t.c.public_id == public_id, list_t.c.tenant_id == tenant_id
-                )
-            ).first()
-            if sl is None:
-                raise NotFound(f'no solitaire list "{public_id}"')
-            return render(conn, sl)
+    def read(conn: Connection) -> Any:
+        sl = conn.execute(
+            select(list_t).where(list_t.c.public_id == public_id, list_t.c.tenant_id == tenant_id)
+        ).first()
+        if sl is None:
+            raise NotFound(f'no solitaire list "{public_id}"')
+        return render(conn, sl)
 
-    return run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 # ── organiser ─────────────────────────────────────────────────────────────────────────────
@@ -114,7 +89,8 @@ async def open_list(
     """Open a list for a group now, or schedule it (`opens_at` later): from a funnel's
     solitaire campaign (`funnel` + `campaign`) or a `definition` sent here."""
     return await submit(
-        request, _command(tenant_id, "solitaire.open", _json(body), idempotency_key, "admin")
+        request,
+        command(tenant_id, "solitaire.open", _json(body), source="admin", key=idempotency_key),
     )
 
 
@@ -126,19 +102,17 @@ async def find_lists(
     status: Literal["scheduled", "open", "closed", "fulfilled", "cancelled"] | None = None,
     limit: Annotated[int, Field(ge=1, le=200)] = 50,
 ) -> dict[str, Any]:
-    engine: Engine = request.app.state.engine
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            q = select(list_t).where(list_t.c.tenant_id == tenant_id)
-            if group is not None:
-                q = q.where(list_t.c.group_id == group)
-            if status is not None:
-                q = q.where(list_t.c.status == status)
-            rows = conn.execute(q.order_by(list_t.c.id.desc()).limit(limit)).all()
-            return {"lists": [list_json(conn, r, with_lines=False) for r in rows]}
+    def read(conn: Connection) -> dict[str, Any]:
+        q = select(list_t).where(list_t.c.tenant_id == tenant_id)
+        if group is not None:
+            q = q.where(list_t.c.group_id == group)
+        if status is not None:
+            q = q.where(list_t.c.status == status)
+        rows = conn.execute(q.order_by(list_t.c.id.desc()).limit(limit)).all()
+        return {"lists": [list_json(conn, r, with_lines=False) for r in rows]}
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 @admin.get("/lists/{list_id}", responses=responses(404))
@@ -195,7 +169,9 @@ def _finish_route(kind: str, to: str | None) -> Any:
         data: dict[str, Any] = {"list": list_id, "reason": body.reason if body else None}
         if to is not None:
             data["to"] = to
-        return await submit(request, _command(tenant_id, kind, data, idempotency_key, "admin"))
+        return await submit(
+            request, command(tenant_id, kind, data, source="admin", key=idempotency_key)
+        )
 
     return route
 
@@ -257,9 +233,7 @@ async def append_line(
     data = {"list": list_id, **_json(body)}
     return await submit(
         request,
-        _command(
-            claims.tenant_id, "solitaire.append", data, idempotency_key, "member", claims.member_id
-        ),
+        member_command(claims, "solitaire.append", data, idempotency_key),
     )
 
 
@@ -277,9 +251,7 @@ async def change_line(
     data = {"list": list_id, "line": line, **body.model_dump(mode="json", exclude_unset=True)}
     return await submit(
         request,
-        _command(
-            claims.tenant_id, "solitaire.change", data, idempotency_key, "member", claims.member_id
-        ),
+        member_command(claims, "solitaire.change", data, idempotency_key),
     )
 
 
@@ -296,12 +268,5 @@ async def withdraw_line(
     data = {"list": list_id, "line": line}
     return await submit(
         request,
-        _command(
-            claims.tenant_id,
-            "solitaire.withdraw",
-            data,
-            idempotency_key,
-            "member",
-            claims.member_id,
-        ),
+        member_command(claims, "solitaire.withdraw", data, idempotency_key),
     )

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Connection, Engine
 
+from app.db import read_connection
 from app.events.dispatch import Dispatcher, Inbound, Reply
 from app.observability import Metrics
+from app.security import MemberClaims
+
+T = TypeVar("T")
 
 
 def respond(reply: Reply) -> Response:
@@ -43,3 +50,45 @@ def digest(kind: str, data: dict[str, Any]) -> str:
     return hashlib.sha256(
         kind.encode() + orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
     ).hexdigest()
+
+
+def command(
+    tenant_id: int,
+    kind: str,
+    data: dict[str, Any],
+    *,
+    source: str,
+    key: str | None = None,
+    member_id: int | None = None,
+) -> Inbound:
+    """A command for the write path. An `Idempotency-Key` is bound to the command and its
+    parameters, and, from the member API, scoped to the member."""
+    return Inbound(
+        tenant_id=tenant_id,
+        source=source,
+        type=kind,
+        data=data,
+        key=f"{member_id}:{key}" if key and member_id is not None else key,
+        digest=digest(kind, data) if key else None,
+        member_id=member_id,
+    )
+
+
+def member_command(
+    claims: MemberClaims, kind: str, data: dict[str, Any], key: str | None
+) -> Inbound:
+    """A command a member sends about themselves (their token names them)."""
+    return command(
+        claims.tenant_id, kind, data, source="member", key=key, member_id=claims.member_id
+    )
+
+
+async def read_only(request: Request, read: Callable[[Connection], T]) -> T:
+    """Run `read` on a read-only connection (no write lock on SQLite) in a worker thread."""
+    engine: Engine = request.app.state.engine
+
+    def run() -> T:
+        with read_connection(engine) as conn:
+            return read(conn)
+
+    return await run_in_threadpool(run)

@@ -9,15 +9,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, select
 
 from app.api.deps import TenantIdDep
-from app.api.submit import digest, submit
-from app.db import read_connection
+from app.api.submit import command, read_only, submit
 from app.errors import NotFound
-from app.events.dispatch import Inbound
 from app.funnels.store import funnel_t
 from app.mechanics.groupbuy.service import team_json, team_t
 from app.mechanics.vouchers import service as vouchers
@@ -36,19 +33,6 @@ class Redeem(BaseModel):
     order_id: str | None = Field(default=None, max_length=128)
 
 
-def _command(
-    tenant_id: int, kind: str, data: dict[str, Any], key: str | None, source: str
-) -> Inbound:
-    return Inbound(
-        tenant_id=tenant_id,
-        source=source,
-        type=kind,
-        data=data,
-        key=key,
-        digest=digest(kind, data) if key else None,
-    )
-
-
 @router.get("/groupbuy/teams")
 async def list_teams(
     request: Request,
@@ -58,41 +42,37 @@ async def list_teams(
     status: Literal["open", "succeeded", "failed", "cancelled"] | None = None,
     limit: Annotated[int, Field(ge=1, le=200)] = 50,
 ) -> dict[str, Any]:
-    engine: Engine = request.app.state.engine
     now = request.app.state.clock.now()
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            q = select(team_t).where(team_t.c.tenant_id == tenant_id)
-            if funnel is not None:
-                q = q.join(funnel_t, funnel_t.c.id == team_t.c.funnel_id).where(
-                    funnel_t.c.key == funnel
-                )
-            if campaign is not None:
-                q = q.where(team_t.c.campaign == campaign)
-            if status is not None:
-                q = q.where(team_t.c.status == status)
-            rows = conn.execute(q.order_by(team_t.c.id.desc()).limit(limit)).all()
-            return {"teams": [team_json(conn, r, now) for r in rows]}
+    def read(conn: Connection) -> dict[str, Any]:
+        q = select(team_t).where(team_t.c.tenant_id == tenant_id)
+        if funnel is not None:
+            q = q.join(funnel_t, funnel_t.c.id == team_t.c.funnel_id).where(
+                funnel_t.c.key == funnel
+            )
+        if campaign is not None:
+            q = q.where(team_t.c.campaign == campaign)
+        if status is not None:
+            q = q.where(team_t.c.status == status)
+        rows = conn.execute(q.order_by(team_t.c.id.desc()).limit(limit)).all()
+        return {"teams": [team_json(conn, r, now) for r in rows]}
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 @router.get("/groupbuy/teams/{team}", responses=responses(404))
 async def read_team(team: str, request: Request, tenant_id: TenantIdDep) -> dict[str, Any]:
-    engine: Engine = request.app.state.engine
     now = request.app.state.clock.now()
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            row = conn.execute(
-                select(team_t).where(team_t.c.public_id == team, team_t.c.tenant_id == tenant_id)
-            ).first()
-            if row is None:
-                raise NotFound(f'no group-buy team "{team}"')
-            return team_json(conn, row, now)
+    def read(conn: Connection) -> dict[str, Any]:
+        row = conn.execute(
+            select(team_t).where(team_t.c.public_id == team, team_t.c.tenant_id == tenant_id)
+        ).first()
+        if row is None:
+            raise NotFound(f'no group-buy team "{team}"')
+        return team_json(conn, row, now)
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 @router.post("/groupbuy/teams/{team}/cancel", responses=responses(404, 409, 422))
@@ -106,7 +86,7 @@ async def cancel_team(
     """Cancel an open team: every member is told (`groupbuy.cancelled`), paid seats refunded."""
     data = {"team": team, "reason": body.reason if body else None}
     return await submit(
-        request, _command(tenant_id, "groupbuy.cancel", data, idempotency_key, "admin")
+        request, command(tenant_id, "groupbuy.cancel", data, source="admin", key=idempotency_key)
     )
 
 
@@ -114,16 +94,12 @@ async def cancel_team(
 async def check_voucher(code: str, request: Request, tenant_id: TenantIdDep) -> dict[str, Any]:
     """What a till sees before redeeming: name, value, status (an expired voucher shows as
     expired even before the expiry sweep ran)."""
-    engine: Engine = request.app.state.engine
     now = request.app.state.clock.now()
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            return vouchers.to_json(
-                vouchers.by_code(conn, tenant_id, vouchers.normalize(code)), now
-            )
+    def read(conn: Connection) -> dict[str, Any]:
+        return vouchers.to_json(vouchers.by_code(conn, tenant_id, vouchers.normalize(code)), now)
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 @router.post("/vouchers/{code}/redeem", responses=responses(404, 409, 422))
@@ -139,7 +115,7 @@ async def redeem_voucher(
     the scanned QR payload. With an `Idempotency-Key`, a till's retry gets the first answer."""
     data = {"code": code, **(body.model_dump(exclude_none=True) if body else {})}
     return await submit(
-        request, _command(tenant_id, "voucher.redeem", data, idempotency_key, "till")
+        request, command(tenant_id, "voucher.redeem", data, source="till", key=idempotency_key)
     )
 
 
@@ -149,5 +125,6 @@ async def void_voucher(
 ) -> Response:
     """Void an issued voucher (it can no longer be redeemed)."""
     return await submit(
-        request, _command(tenant_id, "voucher.void", {"code": code}, idempotency_key, "admin")
+        request,
+        command(tenant_id, "voucher.void", {"code": code}, source="admin", key=idempotency_key),
     )

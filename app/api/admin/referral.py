@@ -9,15 +9,12 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, func, select
 
 from app.api.deps import TenantIdDep
-from app.api.submit import digest, submit
-from app.db import read_connection
+from app.api.submit import command, read_only, submit
 from app.errors import NotFound
-from app.events.dispatch import Inbound
 from app.funnels.store import funnel_t
 from app.mechanics.referral.service import code_t, event_t, link_t, member_t, reward_json, reward_t
 from app.problems import responses
@@ -28,17 +25,6 @@ IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 class Channel(BaseModel):
     channel: str = Field(min_length=1, max_length=64, description="lobby-poster-A, staff-li…")
-
-
-def _command(tenant_id: int, kind: str, data: dict[str, Any], key: str | None) -> Inbound:
-    return Inbound(
-        tenant_id=tenant_id,
-        source="admin",
-        type=kind,
-        data=data,
-        key=key,
-        digest=digest(kind, data) if key else None,
-    )
 
 
 @router.post("/{funnel}/{campaign}/channels", responses=responses(404))
@@ -53,7 +39,9 @@ async def channel_code(
     """A code for a channel (a poster, a lobby, a staff member): the same code every time
     for the same channel; members it brings are attributed to the channel."""
     data = {"funnel": funnel, "campaign": campaign, "channel": body.channel}
-    return await submit(request, _command(tenant_id, "referral.channel", data, idempotency_key))
+    return await submit(
+        request, command(tenant_id, "referral.channel", data, source="admin", key=idempotency_key)
+    )
 
 
 def _review(decision: str) -> Any:
@@ -64,7 +52,10 @@ def _review(decision: str) -> Any:
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
         data = {"reward_id": reward_id, "decision": decision}
-        return await submit(request, _command(tenant_id, "referral.review", data, idempotency_key))
+        return await submit(
+            request,
+            command(tenant_id, "referral.review", data, source="admin", key=idempotency_key),
+        )
 
     return route
 
@@ -104,26 +95,24 @@ async def rewards(
     limit: Annotated[int, Field(ge=1, le=500)] = 100,
 ) -> dict[str, Any]:
     """Rewards, newest first; `status=flagged` is the review queue (each with its flags)."""
-    engine: Engine = request.app.state.engine
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            fid = _funnel_id(conn, tenant_id, funnel)
-            q = (
-                select(reward_t, member_t.c.external_id)
-                .join(member_t, member_t.c.id == reward_t.c.beneficiary_member_id)
-                .where(
-                    reward_t.c.tenant_id == tenant_id,
-                    reward_t.c.funnel_id == fid,
-                    reward_t.c.campaign == campaign,
-                )
+    def read(conn: Connection) -> dict[str, Any]:
+        fid = _funnel_id(conn, tenant_id, funnel)
+        q = (
+            select(reward_t, member_t.c.external_id)
+            .join(member_t, member_t.c.id == reward_t.c.beneficiary_member_id)
+            .where(
+                reward_t.c.tenant_id == tenant_id,
+                reward_t.c.funnel_id == fid,
+                reward_t.c.campaign == campaign,
             )
-            if status is not None:
-                q = q.where(reward_t.c.status == status)
-            rows = conn.execute(q.order_by(reward_t.c.id.desc()).limit(limit)).all()
-            return {"rewards": [{**reward_json(r), "member": r.external_id} for r in rows]}
+        )
+        if status is not None:
+            q = q.where(reward_t.c.status == status)
+        rows = conn.execute(q.order_by(reward_t.c.id.desc()).limit(limit)).all()
+        return {"rewards": [{**reward_json(r), "member": r.external_id} for r in rows]}
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 def _nickname(conn: Connection, member_id: int | None) -> str | None:
@@ -143,92 +132,90 @@ async def stats(
     """The leaderboard (top inviters by invitees who qualified in the period: the seeds'
     "top 3 get a gift"), the k-factor (acceptances per member holding a code), conversions
     per acceptance, and how deep the referral trees go."""
-    engine: Engine = request.app.state.engine
     now = request.app.state.clock.now()
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            fid = _funnel_id(conn, tenant_id, funnel)
-            where = (
-                link_t.c.tenant_id == tenant_id,
-                link_t.c.funnel_id == fid,
-                link_t.c.campaign == campaign,
+    def read(conn: Connection) -> dict[str, Any]:
+        fid = _funnel_id(conn, tenant_id, funnel)
+        where = (
+            link_t.c.tenant_id == tenant_id,
+            link_t.c.funnel_id == fid,
+            link_t.c.campaign == campaign,
+        )
+        links = conn.execute(
+            select(
+                link_t.c.invitee_member_id, link_t.c.inviter_member_id, link_t.c.qualified_at
+            ).where(*where)
+        ).all()
+        holders = conn.execute(
+            select(func.count())
+            .select_from(code_t)
+            .where(
+                code_t.c.tenant_id == tenant_id,
+                code_t.c.funnel_id == fid,
+                code_t.c.campaign == campaign,
+                code_t.c.owner_member_id.is_not(None),
             )
-            links = conn.execute(
-                select(
-                    link_t.c.invitee_member_id, link_t.c.inviter_member_id, link_t.c.qualified_at
-                ).where(*where)
-            ).all()
-            holders = conn.execute(
-                select(func.count())
-                .select_from(code_t)
-                .where(
-                    code_t.c.tenant_id == tenant_id,
-                    code_t.c.funnel_id == fid,
-                    code_t.c.campaign == campaign,
-                    code_t.c.owner_member_id.is_not(None),
+        ).scalar_one()
+        since = {"week": now - timedelta(days=7), "month": now - timedelta(days=30)}.get(period)
+        top = Counter(
+            inviter
+            for _, inviter, qualified_at in links
+            if inviter is not None
+            and qualified_at is not None
+            and (since is None or qualified_at >= since)
+        ).most_common(10)
+        names = dict(
+            conn.execute(
+                select(member_t.c.id, member_t.c.nickname).where(
+                    member_t.c.id.in_([m for m, _ in top] or [0])
                 )
-            ).scalar_one()
-            since = {"week": now - timedelta(days=7), "month": now - timedelta(days=30)}.get(period)
-            top = Counter(
-                inviter
-                for _, inviter, qualified_at in links
-                if inviter is not None
-                and qualified_at is not None
-                and (since is None or qualified_at >= since)
-            ).most_common(10)
-            names = dict(
-                conn.execute(
-                    select(member_t.c.id, member_t.c.nickname).where(
-                        member_t.c.id.in_([m for m, _ in top] or [0])
-                    )
-                ).all()
+            ).all()
+        )
+        parent = {invitee: inviter for invitee, inviter, _ in links}
+        depths: Counter[int] = Counter()
+        for invitee in parent:
+            depth, node = 1, parent[invitee]
+            while node is not None and node in parent and depth < 100:
+                depth, node = depth + 1, parent[node]
+            depths[depth] += 1
+        silent = conn.execute(  # invitees with no event of their own since accepting
+            select(link_t.c.inviter_member_id, func.count())
+            .where(
+                *where,
+                ~select(event_t.c.id)
+                .where(
+                    event_t.c.member_id == link_t.c.invitee_member_id,
+                    event_t.c.received_at >= link_t.c.accepted_at,
+                    event_t.c.type != "invite.accepted",
+                )
+                .exists(),
             )
-            parent = {invitee: inviter for invitee, inviter, _ in links}
-            depths: Counter[int] = Counter()
-            for invitee in parent:
-                depth, node = 1, parent[invitee]
-                while node is not None and node in parent and depth < 100:
-                    depth, node = depth + 1, parent[node]
-                depths[depth] += 1
-            silent = conn.execute(  # invitees with no event of their own since accepting
-                select(link_t.c.inviter_member_id, func.count())
-                .where(
-                    *where,
-                    ~select(event_t.c.id)
-                    .where(
-                        event_t.c.member_id == link_t.c.invitee_member_id,
-                        event_t.c.received_at >= link_t.c.accepted_at,
-                        event_t.c.type != "invite.accepted",
-                    )
-                    .exists(),
-                )
-                .group_by(link_t.c.inviter_member_id)
-            ).all()
-            accepted = sum(1 for _, inviter, _ in links if inviter is not None)
-            qualified = sum(1 for _, _, q in links if q is not None)
-            return {
-                "period": period,
-                "leaderboard": [
-                    {"rank": i, "nickname": names.get(m) or "", "qualified_invitees": n}
-                    for i, (m, n) in enumerate(top, start=1)
-                ],
-                "code_holders": holders,
-                "acceptances": len(links),
-                "member_acceptances": accepted,
-                "k_factor": round(accepted / holders, 3) if holders else 0.0,
-                "conversion": round(qualified / len(links), 3) if links else 0.0,
-                "depths": {str(d): n for d, n in sorted(depths.items())},
-                # a code whose invitees never show up again is worth a look (fraud, or a
-                # poster in the wrong place)
-                "never_active_invitees": sum(n for _, n in silent),
-                "never_active_by_inviter": [
-                    {"inviter": _nickname(conn, inviter), "invitees": n}
-                    for inviter, n in sorted(silent, key=lambda x: -x[1])[:10]
-                ],
-            }
+            .group_by(link_t.c.inviter_member_id)
+        ).all()
+        accepted = sum(1 for _, inviter, _ in links if inviter is not None)
+        qualified = sum(1 for _, _, q in links if q is not None)
+        return {
+            "period": period,
+            "leaderboard": [
+                {"rank": i, "nickname": names.get(m) or "", "qualified_invitees": n}
+                for i, (m, n) in enumerate(top, start=1)
+            ],
+            "code_holders": holders,
+            "acceptances": len(links),
+            "member_acceptances": accepted,
+            "k_factor": round(accepted / holders, 3) if holders else 0.0,
+            "conversion": round(qualified / len(links), 3) if links else 0.0,
+            "depths": {str(d): n for d, n in sorted(depths.items())},
+            # a code whose invitees never show up again is worth a look (fraud, or a
+            # poster in the wrong place)
+            "never_active_invitees": sum(n for _, n in silent),
+            "never_active_by_inviter": [
+                {"inviter": _nickname(conn, inviter), "invitees": n}
+                for inviter, n in sorted(silent, key=lambda x: -x[1])[:10]
+            ],
+        }
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 @router.get("/{funnel}/{campaign}/members/{external_id}/tree", responses=responses(404))
@@ -236,54 +223,52 @@ async def tree(
     funnel: str, campaign: str, external_id: str, request: Request, tenant_id: TenantIdDep
 ) -> dict[str, Any]:
     """Who a member brought in, and whom those brought in (the member's subtree)."""
-    engine: Engine = request.app.state.engine
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            fid = _funnel_id(conn, tenant_id, funnel)
-            root = conn.execute(
-                select(member_t.c.id, member_t.c.nickname).where(
-                    member_t.c.tenant_id == tenant_id, member_t.c.external_id == external_id
-                )
-            ).first()
-            if root is None:
-                raise NotFound(f'no member "{external_id}"')
-            rows = conn.execute(
-                select(
-                    link_t.c.invitee_member_id,
-                    link_t.c.inviter_member_id,
-                    link_t.c.qualified_at,
-                    member_t.c.external_id,
-                    member_t.c.nickname,
-                )
-                .join(member_t, member_t.c.id == link_t.c.invitee_member_id)
-                .where(
-                    link_t.c.tenant_id == tenant_id,
-                    link_t.c.funnel_id == fid,
-                    link_t.c.campaign == campaign,
-                )
-            ).all()
-            children: dict[int, list[Any]] = {}
-            for r in rows:
-                children.setdefault(r.inviter_member_id, []).append(r)
+    def read(conn: Connection) -> dict[str, Any]:
+        fid = _funnel_id(conn, tenant_id, funnel)
+        root = conn.execute(
+            select(member_t.c.id, member_t.c.nickname).where(
+                member_t.c.tenant_id == tenant_id, member_t.c.external_id == external_id
+            )
+        ).first()
+        if root is None:
+            raise NotFound(f'no member "{external_id}"')
+        rows = conn.execute(
+            select(
+                link_t.c.invitee_member_id,
+                link_t.c.inviter_member_id,
+                link_t.c.qualified_at,
+                member_t.c.external_id,
+                member_t.c.nickname,
+            )
+            .join(member_t, member_t.c.id == link_t.c.invitee_member_id)
+            .where(
+                link_t.c.tenant_id == tenant_id,
+                link_t.c.funnel_id == fid,
+                link_t.c.campaign == campaign,
+            )
+        ).all()
+        children: dict[int, list[Any]] = {}
+        for r in rows:
+            children.setdefault(r.inviter_member_id, []).append(r)
 
-            def node(member_id: int, depth: int) -> list[dict[str, Any]]:
-                if depth > 50:
-                    return []
-                return [
-                    {
-                        "member": c.external_id,
-                        "nickname": c.nickname or "",
-                        "qualified": c.qualified_at is not None,
-                        "invitees": node(c.invitee_member_id, depth + 1),
-                    }
-                    for c in children.get(member_id, [])
-                ]
+        def node(member_id: int, depth: int) -> list[dict[str, Any]]:
+            if depth > 50:
+                return []
+            return [
+                {
+                    "member": c.external_id,
+                    "nickname": c.nickname or "",
+                    "qualified": c.qualified_at is not None,
+                    "invitees": node(c.invitee_member_id, depth + 1),
+                }
+                for c in children.get(member_id, [])
+            ]
 
-            return {
-                "member": external_id,
-                "nickname": root.nickname or "",
-                "invitees": node(root.id, 1),
-            }
+        return {
+            "member": external_id,
+            "nickname": root.nickname or "",
+            "invitees": node(root.id, 1),
+        }
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)

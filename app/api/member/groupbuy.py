@@ -11,22 +11,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, select
 
 from app.api.deps import MemberClaimsDep
-from app.api.submit import digest, submit
-from app.db import read_connection
+from app.api.submit import member_command, read_only, submit
 from app.errors import NotFound
-from app.events.dispatch import Inbound
 from app.events.schemas import Profile
 from app.mechanics.groupbuy.service import seat_t, team_json, team_t
 from app.mechanics.rewards import points
 from app.mechanics.vouchers.service import to_json as voucher_json
 from app.mechanics.vouchers.service import voucher_t
 from app.problems import responses
-from app.security import MemberClaims
 
 router = APIRouter(prefix="/v1/member", tags=["member (mini-program)"])
 IdempotencyKey = Annotated[str | None, Header(max_length=200)]
@@ -34,18 +30,6 @@ IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 class TeamAction(BaseModel):
     profile: Profile | None = Field(default=None, description="how teammates see you")
-
-
-def _item(claims: MemberClaims, kind: str, data: dict[str, Any], key: str | None) -> Inbound:
-    return Inbound(
-        tenant_id=claims.tenant_id,
-        source="member",
-        type=kind,
-        data=data,
-        key=f"{claims.member_id}:{key}" if key else None,
-        digest=digest(kind, data) if key else None,
-        member_id=claims.member_id,
-    )
 
 
 def _profile(body: TeamAction | None) -> dict[str, Any]:
@@ -72,7 +56,10 @@ async def open_team(
     `lead_limit_reached`, `sold_out`, `too_many_open_teams`."""
     request.app.state.rate_limiter.check(claims.tenant_id)
     data = {"funnel": funnel, "campaign": campaign, **_profile(body)}
-    return await submit(request, _item(claims, "groupbuy.open", data, idempotency_key))
+    return await submit(
+        request,
+        member_command(claims, "groupbuy.open", data, idempotency_key),
+    )
 
 
 @router.post("/teams/{team}/join", responses=responses(401, 409, 422, 429))
@@ -89,7 +76,10 @@ async def join_team(
     payment window passes; the shop's `order.paid` with this `team_id` confirms it."""
     request.app.state.rate_limiter.check(claims.tenant_id)
     data = {"team": team, **_profile(body)}
-    return await submit(request, _item(claims, "groupbuy.join", data, idempotency_key))
+    return await submit(
+        request,
+        member_command(claims, "groupbuy.join", data, idempotency_key),
+    )
 
 
 @router.post("/teams/{team}/leave", responses=responses(401, 409, 422, 429))
@@ -99,34 +89,33 @@ async def leave_team(
     """Leave an open team (a paid seat is refunded; a leader's place passes to the earliest
     remaining member; a leader alone cancels the team)."""
     request.app.state.rate_limiter.check(claims.tenant_id)
-    return await submit(request, _item(claims, "groupbuy.leave", {"team": team}, idempotency_key))
+    return await submit(
+        request,
+        member_command(claims, "groupbuy.leave", {"team": team}, idempotency_key),
+    )
 
 
 @router.get("/teams/{team}", responses=responses(401, 404))
 async def read_team(team: str, request: Request, claims: MemberClaimsDep) -> dict[str, Any]:
     """A team's live state: members (nickname, avatar), seats left, deadline."""
-    engine: Engine = request.app.state.engine
     now = request.app.state.clock.now()
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            row = conn.execute(
-                select(team_t).where(
-                    team_t.c.public_id == team, team_t.c.tenant_id == claims.tenant_id
-                )
-            ).first()
-            if row is None:
-                raise NotFound(f'no group-buy team "{team}"')
-            out = team_json(conn, row, now)
-            mine = conn.execute(
-                select(seat_t.c.status, seat_t.c.role).where(
-                    seat_t.c.team_id == row.id, seat_t.c.member_id == claims.member_id
-                )
-            ).first()
-            out["you"] = {"status": mine.status, "role": mine.role} if mine else None
-            return out
+    def read(conn: Connection) -> dict[str, Any]:
+        row = conn.execute(
+            select(team_t).where(team_t.c.public_id == team, team_t.c.tenant_id == claims.tenant_id)
+        ).first()
+        if row is None:
+            raise NotFound(f'no group-buy team "{team}"')
+        out = team_json(conn, row, now)
+        mine = conn.execute(
+            select(seat_t.c.status, seat_t.c.role).where(
+                seat_t.c.team_id == row.id, seat_t.c.member_id == claims.member_id
+            )
+        ).first()
+        out["you"] = {"status": mine.status, "role": mine.role} if mine else None
+        return out
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 @router.get("/teams", responses=responses(401))
@@ -134,23 +123,19 @@ async def my_teams(
     request: Request, claims: MemberClaimsDep, limit: Annotated[int, Field(ge=1, le=100)] = 20
 ) -> dict[str, Any]:
     """Your teams, newest first."""
-    engine: Engine = request.app.state.engine
     now = request.app.state.clock.now()
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            rows = conn.execute(
-                select(team_t)
-                .join(seat_t, seat_t.c.team_id == team_t.c.id)
-                .where(
-                    seat_t.c.member_id == claims.member_id, seat_t.c.tenant_id == claims.tenant_id
-                )
-                .order_by(team_t.c.opened_at.desc(), team_t.c.id.desc())
-                .limit(limit)
-            ).all()
-            return {"teams": [team_json(conn, r, now) for r in rows]}
+    def read(conn: Connection) -> dict[str, Any]:
+        rows = conn.execute(
+            select(team_t)
+            .join(seat_t, seat_t.c.team_id == team_t.c.id)
+            .where(seat_t.c.member_id == claims.member_id, seat_t.c.tenant_id == claims.tenant_id)
+            .order_by(team_t.c.opened_at.desc(), team_t.c.id.desc())
+            .limit(limit)
+        ).all()
+        return {"teams": [team_json(conn, r, now) for r in rows]}
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 @router.get("/vouchers", responses=responses(401))
@@ -158,23 +143,21 @@ async def my_vouchers(
     request: Request, claims: MemberClaimsDep, limit: Annotated[int, Field(ge=1, le=200)] = 50
 ) -> dict[str, Any]:
     """Your vouchers, newest first, with the code and QR payload a cashier scans."""
-    engine: Engine = request.app.state.engine
     now = request.app.state.clock.now()
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            rows = conn.execute(
-                select(voucher_t)
-                .where(
-                    voucher_t.c.tenant_id == claims.tenant_id,
-                    voucher_t.c.member_id == claims.member_id,
-                )
-                .order_by(voucher_t.c.issued_at.desc(), voucher_t.c.id.desc())
-                .limit(limit)
-            ).all()
-            return {"vouchers": [voucher_json(r, now) for r in rows]}
+    def read(conn: Connection) -> dict[str, Any]:
+        rows = conn.execute(
+            select(voucher_t)
+            .where(
+                voucher_t.c.tenant_id == claims.tenant_id,
+                voucher_t.c.member_id == claims.member_id,
+            )
+            .order_by(voucher_t.c.issued_at.desc(), voucher_t.c.id.desc())
+            .limit(limit)
+        ).all()
+        return {"vouchers": [voucher_json(r, now) for r in rows]}
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
 
 
 @router.post("/referral/{funnel}/{campaign}", responses=responses(401, 404, 429))
@@ -186,19 +169,20 @@ async def my_referral(
     (pending through the hold, then paid; voided by a refund)."""
     request.app.state.rate_limiter.check(claims.tenant_id)
     data = {"funnel": funnel, "campaign": campaign}
-    return await submit(request, _item(claims, "referral.mine", data, None))
+    return await submit(
+        request,
+        member_command(claims, "referral.mine", data, None),
+    )
 
 
 @router.get("/points", responses=responses(401))
 async def my_points(request: Request, claims: MemberClaimsDep) -> dict[str, Any]:
     """Your points balance and latest ledger entries (credits, debits, reversals)."""
-    engine: Engine = request.app.state.engine
 
-    def read() -> dict[str, Any]:
-        with read_connection(engine) as conn:
-            return {
-                "balance": points.balance(conn, claims.tenant_id, claims.member_id),
-                "entries": points.entries(conn, claims.tenant_id, claims.member_id),
-            }
+    def read(conn: Connection) -> dict[str, Any]:
+        return {
+            "balance": points.balance(conn, claims.tenant_id, claims.member_id),
+            "entries": points.entries(conn, claims.tenant_id, claims.member_id),
+        }
 
-    return await run_in_threadpool(read)
+    return await read_only(request, read)
