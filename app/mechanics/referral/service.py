@@ -34,6 +34,7 @@ from app.funnels import store
 from app.mechanics.commands import Context, DirectAction, Effects, Emit
 from app.mechanics.referral.models import ReferralCode, ReferralLink, ReferralReward, RewardLedger
 from app.mechanics.rewards import points as ledger
+from app.mechanics.rewards.grant import grant_reward
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
 
@@ -550,54 +551,21 @@ def pay_due(ctx: Context) -> Effects:
     effects = Effects(r.beneficiary_member_id, {"outcome": "paid"})
     source = f"referral.{r.campaign}"
     reward = r.reward or {}
-    voucher_code, value = None, 0
-    if reward.get("voucher"):
-        v = reward["voucher"]
-        row, _ = vouchers.issue(
-            ctx.conn,
-            tenant_id=r.tenant_id,
-            member_id=r.beneficiary_member_id,
-            name=v["voucher"],
-            value_fen=v.get("value_fen"),
-            discount_percent=v.get("discount_percent"),
-            valid_for=parse_duration(v.get("valid_for", "P7D")),
-            origin=f"referral:{r.id}",
-            mechanic=source,
-            funnel_id=r.funnel_id,
-            now=ctx.now,
-        )
-        voucher_code, value = row.code, int(v.get("value_fen") or 0)
-        effects.emits.append(
-            Emit(r.beneficiary_member_id, "voucher.issued", vouchers.event_data(row, source))
-        )
+    voucher = grant_reward(
+        ctx.conn,
+        r.tenant_id,
+        r.beneficiary_member_id,
+        reward,
+        f"referral:{r.id}",
+        source,
+        r.funnel_id,
+        ctx.now,
+        effects,
+        reason=f"referral {r.kind}",
+    )
+    voucher_code = voucher.code if voucher is not None else None
+    value = int(voucher.value_fen or 0) if voucher is not None else 0
     points = int(reward.get("points") or 0)
-    if points:
-        ledger.post(
-            ctx.conn,
-            r.tenant_id,
-            r.beneficiary_member_id,
-            points,
-            f"referral:{r.id}",
-            ctx.now,
-            f"referral {r.kind}",
-        )
-        effects.actions.append(
-            DirectAction(
-                r.beneficiary_member_id,
-                "grant_points",
-                {
-                    "points": points,
-                    "reason": f"referral {r.kind}",
-                    "idempotency_key": f"referral:{r.id}",
-                },
-                source,
-            )
-        )
-    for action in reward.get("actions") or []:
-        params = {k: v for k, v in action.items() if k != "type"}
-        effects.actions.append(
-            DirectAction(r.beneficiary_member_id, action["type"], params, source)
-        )
     ctx.conn.execute(
         update(reward_t)
         .where(reward_t.c.id == r.id)

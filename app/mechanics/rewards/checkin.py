@@ -14,12 +14,10 @@ from typing import Any
 from sqlalchemy import Connection, Table, select
 
 from app.db import insert_or_skip
-from app.engine.schedule import parse_duration
 from app.funnels import store
-from app.mechanics.commands import DirectAction, Effects, Emit
-from app.mechanics.rewards import points
+from app.mechanics.commands import Effects
+from app.mechanics.rewards.grant import grant_reward
 from app.mechanics.rewards.models import CheckIn
-from app.mechanics.vouchers import service as vouchers
 
 checkin_t: Table = CheckIn.__table__  # type: ignore[attr-defined]
 _NEW = insert_or_skip(
@@ -71,7 +69,7 @@ def observe(
                 continue  # checked in today already
             if cfg.streak_days and cfg.reward and streak % cfg.streak_days == 0:
                 origin = f"checkin:{ref.funnel_id}:{name}:{m.id}:{day.isoformat()}"
-                grant(
+                grant_reward(
                     conn,
                     tenant_id,
                     m.id,
@@ -83,50 +81,3 @@ def observe(
                     effects,
                 )
     return effects if effects.emits or effects.actions else None
-
-
-def grant(
-    conn: Connection,
-    tenant_id: int,
-    member_id: int,
-    reward: dict[str, Any],
-    origin: str,
-    source: str,
-    funnel_id: int | None,
-    now: datetime,
-    effects: Effects,
-) -> None:
-    """Grant a reward (voucher, points, actions) once per `origin`."""
-    if reward.get("voucher"):
-        v = reward["voucher"]
-        row, created = vouchers.issue(
-            conn,
-            tenant_id=tenant_id,
-            member_id=member_id,
-            name=v["voucher"],
-            value_fen=v.get("value_fen"),
-            discount_percent=v.get("discount_percent"),
-            valid_for=parse_duration(v.get("valid_for", "P7D")),
-            origin=origin,
-            mechanic=source,
-            funnel_id=funnel_id,
-            now=now,
-        )
-        if created:
-            effects.emits.append(
-                Emit(member_id, "voucher.issued", vouchers.event_data(row, source))
-            )
-    if reward.get("points") and points.post(
-        conn, tenant_id, member_id, int(reward["points"]), origin, now, source
-    ):
-        effects.actions.append(
-            DirectAction(
-                member_id,
-                "grant_points",
-                {"points": reward["points"], "reason": source, "idempotency_key": origin},
-                source,
-            )
-        )
-    for action in reward.get("actions") or []:
-        params = {k: v for k, v in action.items() if k != "type"}
-        effects.actions.append(DirectAction(member_id, action["type"], params, source))

@@ -29,9 +29,9 @@ from app.events.ingest import InvalidEvent
 from app.funnels import store
 from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler
 from app.mechanics.community import service as community
+from app.mechanics.rewards.grant import grant_reward
 from app.mechanics.solitaire import parse, rules
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
-from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
 
 list_t: Table = SolitaireList.__table__  # type: ignore[attr-defined]
@@ -542,30 +542,18 @@ def _close(ctx: Context, sl: Any, reason: str, effects: Effects) -> None:
 def _early_reward(ctx: Context, sl: Any, member_id: int, effects: Effects) -> None:
     """The campaign's own early-order reward (`early_orders` + `early_reward`), for funnels
     that do not express it as a guard on `order.placed`."""
-    reward = sl.options.get("early_reward") or {}
-    source = f"solitaire.{sl.campaign or sl.public_id}"
-    if reward.get("voucher"):
-        v = reward["voucher"]
-        row, _ = vouchers.issue(
-            ctx.conn,
-            tenant_id=ctx.tenant_id,
-            member_id=member_id,
-            name=v["voucher"],
-            value_fen=v.get("value_fen"),
-            discount_percent=v.get("discount_percent"),
-            valid_for=parse_duration(v.get("valid_for", "P7D")),
-            origin=f"solitaire:{sl.id}:{member_id}:early",
-            mechanic=source,
-            funnel_id=sl.funnel_id,
-            now=ctx.now,
-        )
-        effects.emits.append(Emit(member_id, "voucher.issued", vouchers.event_data(row, source)))
-    if reward.get("points"):
-        params = {"points": reward["points"], "reason": "early solitaire order"}
-        effects.actions.append(DirectAction(member_id, "grant_points", params, source))
-    for action in reward.get("actions") or []:
-        params = {k: v for k, v in action.items() if k != "type"}
-        effects.actions.append(DirectAction(member_id, action["type"], params, source))
+    grant_reward(
+        ctx.conn,
+        ctx.tenant_id,
+        member_id,
+        sl.options.get("early_reward") or {},
+        f"solitaire:{sl.id}:{member_id}:early",
+        f"solitaire.{sl.campaign or sl.public_id}",
+        sl.funnel_id,
+        ctx.now,
+        effects,
+        reason="early solitaire order",
+    )
 
 
 def finish(ctx: Context) -> Effects:
