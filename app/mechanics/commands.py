@@ -18,6 +18,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from app.engine.paths import suggest
+from app.errors import NotFound
 from app.funnels import store
 
 
@@ -59,3 +61,24 @@ class Context:
 
 
 Handler = Callable[[Context], Effects]
+
+
+KINDS = {"groupbuy": "group-buy", "solitaire": "solitaire", "referral": "referral"}
+
+
+def campaign_config(
+    ctx: Context, funnel_key: str, kind: str, name: str
+) -> tuple[store.VersionRef, Any]:
+    """A campaign of `kind` ("groupbuy", "solitaire", "referral") as the funnel's newest open
+    version defines it; 404 with a did-you-mean for an unknown funnel or campaign."""
+    versions = {v.key: v for v in ctx.versions()}
+    ref = versions.get(funnel_key)
+    if ref is None:
+        raise NotFound(f'no open funnel "{funnel_key}"{suggest(funnel_key, set(versions))}')
+    found = getattr(store.compiled_version(ctx.conn, ref).definition.mechanics, kind)
+    if name not in found:
+        raise NotFound(
+            f'funnel "{funnel_key}" has no {KINDS[kind]} campaign "{name}"'
+            f"{suggest(name, set(found))}"
+        )
+    return ref, found[name]

@@ -26,12 +26,11 @@ from sqlalchemy import Connection, Table, func, select, update
 
 from app.db import insert_or_skip
 from app.engine.definition import GroupBuy
-from app.engine.paths import suggest
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
 from app.events.models import EventLog
 from app.funnels import store
-from app.mechanics.commands import Context, DirectAction, Effects, Emit
+from app.mechanics.commands import Context, DirectAction, Effects, Emit, campaign_config
 from app.mechanics.groupbuy import rules
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
 from app.mechanics.vouchers import service as vouchers
@@ -54,21 +53,6 @@ class InvalidReference(NotFound):
 
 
 # ── lookups ───────────────────────────────────────────────────────────────────────────────
-def campaign(ctx: Context, funnel_key: str, name: str) -> tuple[store.VersionRef, GroupBuy]:
-    """The campaign as the funnel's newest open version defines it."""
-    versions = {v.key: v for v in ctx.versions()}
-    ref = versions.get(funnel_key)
-    if ref is None:
-        raise NotFound(f'no open funnel "{funnel_key}"{suggest(funnel_key, set(versions))}')
-    cfg = store.compiled_version(ctx.conn, ref).definition.mechanics.groupbuy.get(name)
-    if cfg is None:
-        known = set(store.compiled_version(ctx.conn, ref).definition.mechanics.groupbuy)
-        raise NotFound(
-            f'funnel "{funnel_key}" has no group-buy campaign "{name}"{suggest(name, known)}'
-        )
-    return ref, cfg
-
-
 def team_config(conn: Connection, team: Any) -> tuple[store.VersionRef, GroupBuy]:
     """The campaign as the version the team was opened under defines it."""
     ref = store.version_ref(conn, team.version_id)
@@ -248,7 +232,7 @@ def open_team(ctx: Context) -> Effects:
     """A member opens a team as its leader (`groupbuy.open`)."""
     funnel_key, name = str(ctx.data["funnel"]), str(ctx.data["campaign"])
     m = _member(ctx)
-    ref, cfg = campaign(ctx, funnel_key, name)
+    ref, cfg = campaign_config(ctx, funnel_key, "groupbuy", name)
     return _open(ctx, m, ref, name, cfg, paid=None)
 
 

@@ -25,13 +25,12 @@ from sqlalchemy import Connection, Table, func, select, update
 
 from app.db import insert_or_skip
 from app.engine.definition import Referral
-from app.engine.paths import suggest
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
 from app.events.ingest import InvalidEvent
 from app.events.models import EventLog
 from app.funnels import store
-from app.mechanics.commands import Context, DirectAction, Effects, Emit
+from app.mechanics.commands import Context, DirectAction, Effects, Emit, campaign_config
 from app.mechanics.referral.models import ReferralCode, ReferralLink, ReferralReward, RewardLedger
 from app.mechanics.rewards import points as ledger
 from app.mechanics.rewards.grant import grant_reward
@@ -69,19 +68,6 @@ def campaigns(
     return out
 
 
-def _campaign(ctx: Context, funnel_key: str, name: str) -> tuple[store.VersionRef, Referral]:
-    versions = {v.key: v for v in ctx.versions()}
-    ref = versions.get(funnel_key)
-    if ref is None:
-        raise NotFound(f'no open funnel "{funnel_key}"{suggest(funnel_key, set(versions))}')
-    found = store.compiled_version(ctx.conn, ref).definition.mechanics.referral
-    if name not in found:
-        raise NotFound(
-            f'funnel "{funnel_key}" has no referral campaign "{name}"{suggest(name, set(found))}'
-        )
-    return ref, found[name]
-
-
 # ── codes ─────────────────────────────────────────────────────────────────────────────────
 def code_for(
     conn: Connection, tenant_id: int, funnel_id: int, campaign: str, member_id: int, now: datetime
@@ -115,7 +101,7 @@ def channel_code(ctx: Context) -> Effects:
     """`referral.channel`: a code for a poster, a lobby or a staff member — attribution
     without a member as inviter (so no inviter reward), for "which QR code brought whom"."""
     name, channel = str(ctx.data["campaign"]), str(ctx.data["channel"])
-    ref, _ = _campaign(ctx, str(ctx.data["funnel"]), name)
+    ref, _ = campaign_config(ctx, str(ctx.data["funnel"]), "referral", name)
     ctx.conn.execute(
         _NEW_CHANNEL[ctx.conn.dialect.name],
         {
@@ -148,7 +134,7 @@ def channel_code(ctx: Context) -> Effects:
 
 def my_referral(ctx: Context) -> Effects:
     """`referral.mine`: the member's code, share path, invitees and rewards."""
-    ref, _ = _campaign(ctx, str(ctx.data["funnel"]), str(ctx.data["campaign"]))
+    ref, _ = campaign_config(ctx, str(ctx.data["funnel"]), "referral", str(ctx.data["campaign"]))
     m = ctx.member()
     code = code_for(
         ctx.conn, ctx.tenant_id, ref.funnel_id, str(ctx.data["campaign"]), m.id, ctx.now

@@ -22,12 +22,11 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, Table, select, update
 
 from app.engine.definition import Solitaire
-from app.engine.paths import pydantic_loc_to_path, suggest
+from app.engine.paths import pydantic_loc_to_path
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
 from app.events.ingest import InvalidEvent
-from app.funnels import store
-from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler
+from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler, campaign_config
 from app.mechanics.community import service as community
 from app.mechanics.rewards.grant import grant_reward
 from app.mechanics.solitaire import parse, rules
@@ -62,18 +61,9 @@ def definition_from(ctx: Context) -> tuple[Solitaire, int | None, str | None]:
                 for e in exc.errors()
             ]
             raise InvalidEvent("the list definition is invalid", errors=problems) from None
-    funnel_key, name = str(data.get("funnel") or ""), str(data.get("campaign") or "")
-    versions = {v.key: v for v in ctx.versions()}
-    ref = versions.get(funnel_key)
-    if ref is None:
-        raise NotFound(f'no open funnel "{funnel_key}"{suggest(funnel_key, set(versions))}')
-    campaigns = store.compiled_version(ctx.conn, ref).definition.mechanics.solitaire
-    if name not in campaigns:
-        raise NotFound(
-            f'funnel "{funnel_key}" has no solitaire campaign "{name}"'
-            f"{suggest(name, set(campaigns))}"
-        )
-    return campaigns[name], ref.funnel_id, name
+    name = str(data.get("campaign") or "")
+    ref, cfg = campaign_config(ctx, str(data.get("funnel") or ""), "solitaire", name)
+    return cfg, ref.funnel_id, name
 
 
 def open_list(ctx: Context) -> Effects:
