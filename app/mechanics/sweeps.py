@@ -161,6 +161,23 @@ def sweep_due(
     return replies
 
 
+def _try_apply(conn: Connection, item: Inbound, now: datetime, cache: BatchCache) -> Reply | None:
+    """Apply one item under its own savepoint. A failure (a bug, not a business outcome)
+    rolls back that item alone, is logged, and leaves it due: None. A deadlock or a lost
+    connection aborts the whole transaction and propagates."""
+    savepoint = conn.begin_nested()
+    try:
+        reply = apply_one(conn, item, now, cache)
+    except OperationalError:
+        raise
+    except Exception:
+        savepoint.rollback()
+        log.exception("%s %s failed; it stays due", item.type, item.key or item.data)
+        return None
+    savepoint.commit()
+    return reply
+
+
 _last_schedule: weakref.WeakKeyDictionary[Engine, datetime] = weakref.WeakKeyDictionary()
 
 
@@ -175,17 +192,8 @@ def _scheduled_lists(engine: Engine, now: datetime) -> list[Reply]:
             cache = BatchCache()
             replies = []
             for item in schedule.due_openings(conn, now):
-                savepoint = conn.begin_nested()
-                try:
-                    reply = apply_one(conn, item, now, cache)
-                except OperationalError:
-                    raise
-                except Exception:
-                    savepoint.rollback()
-                    log.exception("scheduled solitaire list %s failed", item.key)
-                    continue
-                savepoint.commit()
-                if not reply.replayed:
+                reply = _try_apply(conn, item, now, cache)
+                if reply is not None and not reply.replayed:
                     replies.append(reply)
             return replies
     except OperationalError as exc:
@@ -208,18 +216,11 @@ def _sweep(
                     type=sweep.command,
                     data=sweep.data(r),
                 )
-                savepoint = conn.begin_nested()
-                try:
-                    reply = apply_one(conn, item, now, cache)
-                except OperationalError:
-                    raise
-                except Exception:
-                    savepoint.rollback()
-                    log.exception("%s %s failed; it stays due", sweep.kind, r.id)
+                reply = _try_apply(conn, item, now, cache)
+                if reply is None:
                     if metrics is not None:
                         metrics.sweep_errors.labels(sweep.kind).inc()
                     continue
-                savepoint.commit()
                 replies.append(reply)
                 lateness.append(max(0.0, (now - r.due).total_seconds()))
     except OperationalError as exc:
