@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,9 @@ from sqlalchemy.engine import make_url
 from app.clock import FrozenClock
 from app.config import Settings
 from app.db import make_engine, metadata, session_scope
+from app.events.dispatch import Inbound, Reply, apply_batch
 from app.events.ingest import signed_headers
+from app.funnels.service import publish
 from app.main import create_app
 from app.migrations import upgrade
 from app.tenancy.service import create_tenant
@@ -167,6 +170,39 @@ def new_tenant(engine: Engine, name: str = "acme") -> tuple[int, dict[str, str]]
         tenant, _key, plaintext = create_tenant(session, name, T0)
         assert tenant.id is not None
         return tenant.id, {"Authorization": f"Bearer {plaintext}"}
+
+
+def tenant_with_funnel(
+    engine: Engine, key: str, doc: dict[str, Any] | None, now: datetime, name: str = "lunch"
+) -> int:
+    """A tenant (named `name`) with `doc` published as funnel `key`, straight through the
+    service (state machines and races set up many of these)."""
+    tenant_id, _ = new_tenant(engine, name)
+    if doc is not None:
+        with session_scope(engine) as session:
+            publish(session, tenant_id, key, doc, now)
+    return tenant_id
+
+
+def command(tenant_id: int, kind: str, member: str | None = None, **data: Any) -> Inbound:
+    """An item for the write path, about the member with this external id (if any)."""
+    return Inbound(tenant_id, "test", kind, data=data, member={"id": member} if member else None)
+
+
+def apply_command(
+    engine: Engine, tenant_id: int, now: datetime, kind: str, member: str | None = None, **data: Any
+) -> Reply:
+    """Apply one command in its own transaction; a 500 is never an acceptable answer."""
+    [reply] = apply_batch(engine, [command(tenant_id, kind, member, **data)], now)
+    assert reply.status != 500, reply.error
+    return reply
+
+
+def sqlite_copy(template: Path, workdir: Path, name: str) -> Engine:
+    """A fresh SQLite file copied from the migrated template (one per state-machine example)."""
+    path = workdir / name
+    shutil.copy(template, path)
+    return make_engine(f"sqlite:///{path}")
 
 
 FUNNELS = Path(__file__).resolve().parent.parent / "funnels"

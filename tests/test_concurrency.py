@@ -23,14 +23,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from app.db import make_engine, session_scope
+from app.db import make_engine
 from app.events.dispatch import Inbound, Reply, apply_batch
-from app.funnels.service import publish
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
 from app.mechanics.referral.models import ReferralLink, ReferralReward
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireStock
 from app.mechanics.vouchers.models import Voucher
-from tests.conftest import FUNNELS, _truncate, new_tenant
+from tests.conftest import FUNNELS, _truncate, command, tenant_with_funnel
 from tests.test_groupbuy import OPENS
 
 pytestmark = pytest.mark.postgres
@@ -53,19 +52,13 @@ def pg(postgres_url: str) -> Iterator[Engine]:
 def setup(engine: Engine, **campaign: Any) -> int:
     doc = copy.deepcopy(LUNCH)
     doc["mechanics"]["groupbuy"]["lunch-team"].update(campaign)
-    tenant_id, _ = new_tenant(engine, "lunch")
-    with session_scope(engine) as session:
-        publish(session, tenant_id, "office-lunch", doc, OPENS)
+    tenant_id = tenant_with_funnel(engine, "office-lunch", doc, OPENS)
     members = [
         Inbound(tenant_id, "bot", "member.joined", {"group_id": "g"}, member={"id": f"m{i}"})
         for i in range(MEMBERS + 1)
     ]
     assert all(r.ok for r in apply_batch(engine, members, OPENS))
     return tenant_id
-
-
-def command(tenant_id: int, kind: str, member: str | None, **data: Any) -> Inbound:
-    return Inbound(tenant_id, "test", kind, data=data, member={"id": member} if member else None)
 
 
 def race(engine: Engine, items: list[Inbound]) -> list[Reply]:
@@ -208,9 +201,7 @@ def test_100_acceptances_of_one_code_and_50_qualifying_orders_at_once(pg):
     }
     doc = copy.deepcopy(LUNCH)
     doc["mechanics"]["referral"]["colleagues"].update(referral)
-    tenant_id, _ = new_tenant(pg, "lunch")
-    with session_scope(pg) as session:
-        publish(session, tenant_id, "office-lunch", doc, OPENS)
+    tenant_id = tenant_with_funnel(pg, "office-lunch", doc, OPENS)
     [mine] = apply_batch(
         pg,
         [command(tenant_id, "referral.mine", "m0", funnel="office-lunch", campaign="colleagues")],

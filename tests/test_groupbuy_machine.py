@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -32,13 +31,11 @@ from hypothesis.stateful import (
 from sqlalchemy import func, select
 
 from app.clock import FrozenClock
-from app.db import make_engine, session_scope
-from app.events.dispatch import Inbound, Reply, apply_batch
-from app.funnels.service import publish
+from app.events.dispatch import Reply
 from app.mechanics.groupbuy.models import Seat, Team
 from app.mechanics.sweeps import sweep_due
 from app.mechanics.vouchers.models import Voucher
-from tests.conftest import FUNNELS, new_tenant
+from tests.conftest import FUNNELS, apply_command, sqlite_copy, tenant_with_funnel
 from tests.test_groupbuy import OPENS
 
 MEMBERS = [f"m{i}" for i in range(6)]
@@ -63,13 +60,9 @@ class GroupBuyMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        path = self.workdir / "machine.db"
-        shutil.copy(self.template, path)
-        self.engine = make_engine(f"sqlite:///{path}")
+        self.engine = sqlite_copy(self.template, self.workdir, "machine.db")
         self.clock = FrozenClock(OPENS)
-        self.tenant_id, _ = new_tenant(self.engine, "lunch")
-        with session_scope(self.engine) as session:
-            publish(session, self.tenant_id, "office-lunch", campaign_doc(), OPENS)
+        self.tenant_id = tenant_with_funnel(self.engine, "office-lunch", campaign_doc(), OPENS)
         # the model: team id → members (in order), status, opened at
         self.model: dict[str, dict[str, Any]] = {}
         self.redeemed: Counter[str] = Counter()
@@ -79,12 +72,7 @@ class GroupBuyMachine(RuleBasedStateMachine):
 
     # ── helpers ───────────────────────────────────────────────────────────────────────────
     def apply(self, kind: str, member: str | None = None, **data: Any) -> Reply:
-        item = Inbound(
-            self.tenant_id, "test", kind, data=data, member={"id": member} if member else None
-        )
-        [reply] = apply_batch(self.engine, [item], self.clock.now())
-        assert reply.status != 500, reply.error
-        return reply
+        return apply_command(self.engine, self.tenant_id, self.clock.now(), kind, member, **data)
 
     def open_team_of(self, member: str) -> str | None:
         for team, t in self.model.items():

@@ -11,7 +11,6 @@ self-invites and repeats included), pay, get refunded, and time passes. After ev
 from __future__ import annotations
 
 import copy
-import shutil
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -23,12 +22,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from sqlalchemy import select
 
 from app.clock import FrozenClock
-from app.db import make_engine, session_scope
-from app.events.dispatch import Inbound, Reply, apply_batch
-from app.funnels.service import publish
+from app.events.dispatch import Reply
 from app.mechanics.referral.models import ReferralLink, ReferralReward, RewardLedger
 from app.mechanics.sweeps import sweep_due
-from tests.conftest import new_tenant
+from tests.conftest import apply_command, sqlite_copy, tenant_with_funnel
 from tests.test_groupbuy import LUNCH, OPENS
 
 MEMBERS = [f"m{i}" for i in range(6)]
@@ -58,13 +55,9 @@ class ReferralMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        path = self.workdir / "referral.db"
-        shutil.copy(self.template, path)
-        self.engine = make_engine(f"sqlite:///{path}")
+        self.engine = sqlite_copy(self.template, self.workdir, "referral.db")
         self.clock = FrozenClock(OPENS)
-        self.tenant_id, _ = new_tenant(self.engine, "lunch")
-        with session_scope(self.engine) as session:
-            publish(session, self.tenant_id, "office-lunch", campaign_doc(), OPENS)
+        self.tenant_id = tenant_with_funnel(self.engine, "office-lunch", campaign_doc(), OPENS)
         self.codes: dict[str, str] = {}
         for m in MEMBERS:
             reply = self.apply("referral.mine", m, funnel="office-lunch", campaign="colleagues")
@@ -84,10 +77,7 @@ class ReferralMachine(RuleBasedStateMachine):
         self.engine.dispose()
 
     def apply(self, kind: str, member: str | None, **data: Any) -> Reply:
-        item = Inbound(
-            self.tenant_id, "test", kind, data=data, member={"id": member} if member else None
-        )
-        [reply] = apply_batch(self.engine, [item], self.clock.now())
+        reply = apply_command(self.engine, self.tenant_id, self.clock.now(), kind, member, **data)
         assert reply.ok, reply.error
         return reply
 

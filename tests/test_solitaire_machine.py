@@ -9,7 +9,6 @@ other people's lines), the organiser closes, time passes. After every step:
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -27,12 +26,11 @@ from hypothesis.stateful import (
 from sqlalchemy import select
 
 from app.clock import FrozenClock
-from app.db import make_engine
-from app.events.dispatch import Inbound, Reply, apply_batch
+from app.events.dispatch import Reply
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
 from app.mechanics.sweeps import sweep_due
 from app.members.models import Member
-from tests.conftest import new_tenant
+from tests.conftest import apply_command, sqlite_copy, tenant_with_funnel
 from tests.test_groupbuy import OPENS
 
 MEMBERS = [f"m{i}" for i in range(5)]
@@ -64,11 +62,9 @@ class SolitaireMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        path = self.workdir / "solitaire.db"
-        shutil.copy(self.template, path)
-        self.engine = make_engine(f"sqlite:///{path}")
+        self.engine = sqlite_copy(self.template, self.workdir, "solitaire.db")
         self.clock = FrozenClock(OPENS)
-        self.tenant_id, _ = new_tenant(self.engine, "lunch")
+        self.tenant_id = tenant_with_funnel(self.engine, "office-lunch", None, OPENS)
         self.steps = 0
         for member in MEMBERS:  # the group bot saw them join the group
             assert self.apply("member.joined", member, group_id="g").ok
@@ -81,11 +77,7 @@ class SolitaireMachine(RuleBasedStateMachine):
         self.engine.dispose()
 
     def apply(self, kind: str, member: str | None, **data: Any) -> Reply:
-        item = Inbound(
-            self.tenant_id, "test", kind, data=data, member={"id": member} if member else None
-        )
-        [reply] = apply_batch(self.engine, [item], self.clock.now())
-        assert reply.status != 500, reply.error
+        reply = apply_command(self.engine, self.tenant_id, self.clock.now(), kind, member, **data)
         assert reply.ok or reply.status in (404, 409, 422), reply
         self.steps += 1
         if reply.ok:
