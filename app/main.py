@@ -14,8 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
 
 from app import problems
-from app.api import solitaire, webhooks
-from app.api.admin import deliveries, funnels, keys, members, webhook_sources, wechat
+from app.api import rewards, solitaire, webhooks
+from app.api.admin import deliveries, funnels, groups, keys, members, webhook_sources, wechat
 from app.api.admin import groupbuy as admin_groupbuy
 from app.api.admin import referral as admin_referral
 from app.api.health import router as health_router
@@ -98,6 +98,10 @@ def create_app(
         admin_referral.router,
         solitaire.admin,
         solitaire.member,
+        groups.router,
+        groups.broadcasts,
+        rewards.member,
+        rewards.admin,
     ):
         app.include_router(router)
 

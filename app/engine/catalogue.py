@@ -9,6 +9,9 @@ from __future__ import annotations
 BUILTIN_EVENTS: dict[str, str] = {
     "member.joined": "a member joined a group or added the merchant (carries the channel)",
     "member.left": "a member left or was removed from a group",
+    "member.join_requested": "a member asked to join a group (checked against its thresholds)",
+    "member.warned": "moderation warned a member (first hit: a sensitive word, an ad link…)",
+    "member.removed": "moderation or pruning removed a member from a group",
     "member.scanned": "a member scanned a channel QR code or poster",
     "message.posted": "a member posted a message in a group",
     "member.checked_in": "a member checked in (签到/打卡)",
@@ -33,5 +36,6 @@ BUILTIN_EVENTS: dict[str, str] = {
     "voucher.voided": "the merchant voided a voucher",
     "card.collected": "a member collected a card (card drop, review for card)",
     "points.changed": "a member's points balance changed",
+    "lottery.won": "a member's lottery draw won a prize",
     "referral.qualified": "an invitee qualified, so their inviter's reward is due",
 }

@@ -449,8 +449,28 @@ class Referral(Strict):
     ] = 1
 
 
+class Prize(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+    odds_ppm: Annotated[
+        int,
+        Field(ge=1, le=1_000_000, description="chance per draw in parts per million: 50000 = 5%"),
+    ]
+    stock: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="prizes in all; a prize out of stock is not won (None: no cap)"
+    )
+    reward: Reward
+
+
 class RewardCampaign(Strict):
-    kind: Literal["check_in", "card_drop", "review_for_card", "points_exchange", "lottery"]
+    kind: Literal[
+        "check_in",
+        "card_drop",
+        "review_for_card",
+        "points_exchange",
+        "lottery",
+        "milestone",
+        "monthly_top",
+    ]
     title: Annotated[str, Field(min_length=1, max_length=200)]
     starts_at: datetime | None = None
     ends_at: datetime | None = None
@@ -458,11 +478,36 @@ class RewardCampaign(Strict):
         default=None, description="claims per day across all members (card drops, lottery)"
     )
     per_member_daily_limit: Annotated[int, Field(ge=1)] | None = None
-    drop_at: LocalTime | None = None
+    drop_at: LocalTime | None = Field(
+        default=None, description="card drops: the local time each day's supply opens"
+    )
+    drop_for: Duration = Field(default="PT2H", description="card drops: how long a drop lasts")
     card: str | None = None
     cards_for_reward: Annotated[int, Field(ge=1)] | None = None
+    min_photos: Annotated[int, Field(ge=0, le=50)] = Field(
+        default=0, description="review_for_card: photos a review needs"
+    )
     streak_days: Annotated[int, Field(ge=1)] | None = None
     points_cost: Annotated[int, Field(ge=1)] | None = None
+    prizes: Annotated[list[Prize], Field(max_length=50)] = []
+    on: Literal["member_joined", "group_size", "birthday", "holiday"] | None = Field(
+        default=None, description="milestone: what it celebrates"
+    )
+    sizes: Annotated[list[Annotated[int, Field(ge=2)]], Field(max_length=20)] = Field(
+        default=[], description="milestone on group_size: member counts (100, 1000)"
+    )
+    dates: Annotated[
+        list[Annotated[str, Field(pattern=r"^(\d{4}-)?\d{2}-\d{2}$")]], Field(max_length=100)
+    ] = Field(default=[], description="milestone on holiday: MM-DD every year, or YYYY-MM-DD")
+    groups: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=500)
+    ] = Field(default=[], description="milestone, monthly_top: the chat groups it runs in")
+    top: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=3, description="monthly_top: how many of the most active members are rewarded"
+    )
+    at: LocalTime = Field(
+        default="09:00", description="milestone (birthday, holiday), monthly_top: when it runs"
+    )
     reward: Reward | None = None
 
     @model_validator(mode="after")
@@ -471,8 +516,61 @@ class RewardCampaign(Strict):
             raise ValueError("ends_at must be after starts_at")
         if self.kind in ("card_drop", "review_for_card") and not self.card:
             raise ValueError(f"{self.kind} needs the card it hands out")
-        if self.kind == "points_exchange" and self.points_cost is None:
-            raise ValueError("points_exchange needs points_cost")
+        if self.kind == "card_drop" and not self.drop_at:
+            raise ValueError("card_drop needs drop_at, the local time each day's drop opens")
+        if self.kind == "points_exchange" and (self.points_cost is None or not self.reward):
+            raise ValueError("points_exchange needs points_cost and the reward it buys")
+        if self.kind == "lottery":
+            if not self.prizes:
+                raise ValueError("lottery needs prizes")
+            if sum(p.odds_ppm for p in self.prizes) > 1_000_000:
+                raise ValueError("the prizes' odds_ppm add up to more than 1,000,000 (100%)")
+            if len({p.name for p in self.prizes}) != len(self.prizes):
+                raise ValueError("two prizes share a name")
+        if self.kind in ("milestone", "monthly_top") and (not self.reward or not self.groups):
+            raise ValueError(f"{self.kind} needs groups and a reward")
+        if self.kind == "milestone":
+            if self.on is None:
+                raise ValueError(
+                    "milestone needs on: member_joined, group_size, birthday or holiday"
+                )
+            if self.on == "group_size" and not self.sizes:
+                raise ValueError("a group_size milestone needs sizes")
+            if self.on == "holiday" and not self.dates:
+                raise ValueError("a holiday milestone needs dates")
+            group_wide = self.on in ("group_size", "holiday")
+            if group_wide and self.reward and (self.reward.points or self.reward.voucher):
+                raise ValueError(
+                    f"a {self.on} milestone rewards the whole group: its reward takes actions "
+                    "(a pay_red_packet into the chat), not points or a voucher"
+                )
+        return self
+
+
+class Pruning(Strict):
+    """Clear inactive members (清理僵尸粉): warn first, remove after the grace if still
+    inactive. Owners, admins and opinion leaders are never pruned."""
+
+    groups: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]],
+        Field(min_length=1, max_length=500),
+    ]
+    no_message_for: Duration | None = Field(
+        default=None, description='"P7D": no message for a week (counted from joining)'
+    )
+    min_messages: Annotated[int, Field(ge=1, le=10_000)] | None = Field(
+        default=None, description="fewer than this many messages `within` the window"
+    )
+    within: Duration = "P30D"
+    warn_grace: Duration = Field(default="P2D", description="from the warning to the removal")
+    at: LocalTime = Field(default="21:00", description="when the daily check runs")
+    warning: Template = "你在群里很久没有发言了，如继续不活跃将被移出群聊。"
+    reason: Annotated[str, Field(min_length=1, max_length=500)] = "inactive"
+
+    @model_validator(mode="after")
+    def _a_rule(self) -> Pruning:
+        if self.no_message_for is None and self.min_messages is None:
+            raise ValueError("a pruning policy needs no_message_for or min_messages")
         return self
 
 
@@ -484,6 +582,7 @@ class Mechanics(Strict):
     solitaire: dict[CampaignName, Solitaire] = {}
     referral: dict[CampaignName, Referral] = {}
     rewards: dict[CampaignName, RewardCampaign] = {}
+    pruning: dict[CampaignName, Pruning] = {}
 
     def names(self) -> set[str]:
         return {

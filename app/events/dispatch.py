@@ -46,7 +46,7 @@ from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler
 from app.mechanics.community import service as community
 from app.mechanics.referral import service as referral
 from app.mechanics.registry import command_for
-from app.mechanics.rewards import checkin, points
+from app.mechanics.rewards import cards, checkin, points
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
 from app.observability import Metrics
@@ -61,12 +61,14 @@ timer_t: Table = Timer.__table__  # type: ignore[attr-defined]
 TIMER_SOURCE = "timer"
 EMITTED_SOURCE = "flywheel"  # events Flywheel emits itself (groupbuy.succeeded, voucher.issued)
 DEADLOCK_RETRIES = 3
-GROUP_EVENTS = frozenset({"member.joined", "member.left"})  # kept as group membership
 MAX_CASCADE = 4
-# Mechanics that watch plain and emitted events: referral qualification and refunds, check-in.
+# Mechanics that watch plain and emitted events: group membership, activity and moderation,
+# referral qualification and refunds, check-in, cards for reviews.
 WATCHERS = (
+    community.observe,
     referral.observe,
     checkin.observe,
+    cards.observe,
 )  # an emitted event's funnels may emit more (a voucher issued), this deep
 
 
@@ -268,8 +270,6 @@ def _step_funnels(
         }
         if item.type not in custom:
             raise unknown_type(item.type, custom)
-    if item.type in GROUP_EVENTS:
-        community.observe(conn, item.tenant_id, m, item.type, item.data, now)
     outcomes, n_actions, emits = _step_member(
         conn, item.tenant_id, m, item.type, item.data, event_id, now, cache
     )

@@ -50,6 +50,12 @@ class MemberLeftData(_Data):
     reason: Literal["left", "removed"] = "left"
 
 
+class JoinRequestedData(_Data):
+    group_id: str = Id
+    invite_code: str | None = Field(default=None, max_length=64)
+    note: str | None = Field(default=None, max_length=500, description="the member's message")
+
+
 class MemberScannedData(_Data):
     channel: str = Field(min_length=1, max_length=64)
     poster_id: str | None = Field(default=None, max_length=128)
@@ -62,6 +68,8 @@ class MessagePostedData(_Data):
     length: int = Field(default=0, ge=0, description="characters in a text message")
     text: str | None = Field(default=None, max_length=10_000, description="never logged")
     mentions: list[str] = Field(default_factory=list, max_length=100)
+    url: str | None = Field(default=None, max_length=2000, description="a link message's URL")
+    has_qr: bool = Field(default=False, description="the bot found a QR code in the image")
 
 
 class CheckedInData(_Data):
@@ -71,6 +79,7 @@ class CheckedInData(_Data):
 
 class ReviewPostedData(_Data):
     review_id: str = Id
+    order_id: str | None = Field(default=None, max_length=128, description="the order reviewed")
     rating: int = Field(ge=1, le=5)
     photos: int = Field(default=0, ge=0, le=50)
     length: int = Field(default=0, ge=0)
@@ -117,6 +126,7 @@ class CustomData(_Data):
 INBOUND_DATA: dict[str, type[_Data]] = {
     "member.joined": MemberJoinedData,
     "member.left": MemberLeftData,
+    "member.join_requested": JoinRequestedData,
     "member.scanned": MemberScannedData,
     "message.posted": MessagePostedData,
     "member.checked_in": CheckedInData,

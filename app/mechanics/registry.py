@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from app.mechanics.commands import Handler
+from app.mechanics.community import daily
+from app.mechanics.community import service as community
 from app.mechanics.groupbuy import service as groupbuy
 from app.mechanics.referral import service as referral
+from app.mechanics.rewards import cards, exchange, lottery
 from app.mechanics.solitaire import parse as solitaire_parse
 from app.mechanics.solitaire import service as solitaire
 from app.mechanics.vouchers import commands as vouchers
@@ -30,6 +33,16 @@ COMMANDS: dict[str, Handler] = {
     "referral.channel": referral.channel_code,
     "referral.review": referral.review,
     "referral.pay_due": referral.pay_due,
+    "group.request": community.request_join,
+    "group.decide": community.decide_join,
+    "group.health": community.check_health,
+    "moderation.reverse": community.reverse_decision,
+    "community.broadcast": community.broadcast,
+    "community.daily": daily.run_daily,
+    "card.claim": cards.claim,
+    "card.redeem": cards.redeem,
+    "lottery.draw": lottery.draw,
+    "points.exchange": exchange.exchange,
     "voucher.redeem": vouchers.redeem,
     "voucher.void": vouchers.void,
     "voucher.expire": vouchers.expire,
@@ -42,11 +55,14 @@ SOLITAIRE_REPLY = solitaire.announced(solitaire.reply)
 def command_for(event_type: str, data: dict[str, Any]) -> Handler | None:
     """The handler for a command, or for an event a mechanic takes over: an `order.paid`
     that carries a group-buy team confirms (or refunds) that team's seat; a group message
-    that looks like a solitaire reply is appended to the group's open list."""
+    that looks like a solitaire reply is appended to the group's open list; a join request
+    is checked against the group's thresholds."""
     if event_type == "order.paid" and data.get("team_id"):
         return groupbuy.pay
     if event_type == "invite.accepted" and data.get("code"):
         return referral.accept
+    if event_type == "member.join_requested":
+        return community.request_join
     if event_type == "message.posted" and solitaire_parse.is_reply(str(data.get("text") or "")):
         return SOLITAIRE_REPLY
     return COMMANDS.get(event_type)

@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, Select, func, select
 from sqlalchemy.exc import OperationalError
 
 from app.events.dispatch import TIMER_SOURCE, BatchCache, Inbound, Reply, apply_one
+from app.mechanics.community import schedule as community_schedule
 from app.mechanics.groupbuy.service import HELD, OPEN, seat_t, team_t
 from app.mechanics.referral.service import PENDING, reward_t
 from app.mechanics.solitaire import schedule
@@ -155,7 +156,7 @@ def sweep_due(
     engine: Engine, now: datetime, limit: int = 200, metrics: Metrics | None = None
 ) -> list[Reply]:
     """Apply every mechanic timer due at `now` (up to `limit` of each kind)."""
-    replies: list[Reply] = _scheduled_lists(engine, now)
+    replies: list[Reply] = _scheduled(engine, now)
     for sweep in SWEEPS:
         replies.extend(_sweep(engine, sweep, now, limit, metrics))
     return replies
@@ -181,8 +182,9 @@ def _try_apply(conn: Connection, item: Inbound, now: datetime, cache: BatchCache
 _last_schedule: weakref.WeakKeyDictionary[Engine, datetime] = weakref.WeakKeyDictionary()
 
 
-def _scheduled_lists(engine: Engine, now: datetime) -> list[Reply]:
-    """Create the solitaire lists campaigns schedule (at most every `schedule.EVERY`)."""
+def _scheduled(engine: Engine, now: datetime) -> list[Reply]:
+    """Create the solitaire lists campaigns schedule, and run the daily community runs that
+    are due (at most every `schedule.EVERY`)."""
     last = _last_schedule.get(engine)
     if last is not None and timedelta(0) <= now - last < schedule.EVERY:
         return []
@@ -191,13 +193,14 @@ def _scheduled_lists(engine: Engine, now: datetime) -> list[Reply]:
         with engine.connect() as conn, conn.begin():
             cache = BatchCache()
             replies = []
-            for item in schedule.due_openings(conn, now):
+            due = schedule.due_openings(conn, now) + community_schedule.due_runs(conn, now)
+            for item in due:
                 reply = _try_apply(conn, item, now, cache)
                 if reply is not None and not reply.replayed:
                     replies.append(reply)
             return replies
     except OperationalError as exc:
-        log.warning("solitaire schedule rolled back: %s", exc.orig)
+        log.warning("schedule rolled back: %s", exc.orig)
         return []
 
 

@@ -58,3 +58,85 @@ class CheckIn(SQLModel, table=True):
     local_date: date
     streak: int
     created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class CardBalance(SQLModel, table=True):
+    """How many of a card (霸王餐卡) a member holds: the sum of their card ledger, kept beside it
+    so spending is one conditional UPDATE (`count >= n`)."""
+
+    __tablename__ = "card_balance"
+
+    tenant_id: int = Field(foreign_key="tenant.id", primary_key=True)
+    member_id: int = Field(foreign_key="member.id", primary_key=True)
+    card: str = Field(max_length=64, primary_key=True)
+    count: int = 0
+
+
+class CardEntry(SQLModel, table=True):
+    """The card ledger, append-only: +1 for a card collected (a drop, a review), -n for cards
+    redeemed. `origin` is unique per tenant, so one cause hands out one card."""
+
+    __tablename__ = "card_entry"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "origin"),
+        Index("ix_card_entry_member", "tenant_id", "member_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True))
+    tenant_id: int = Field(foreign_key="tenant.id")
+    member_id: int = Field(foreign_key="member.id")
+    card: str = Field(max_length=64)
+    delta: int
+    via: str = Field(max_length=32)  # drop | review | redeem
+    origin: str = Field(max_length=200)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class DailySupply(SQLModel, table=True):
+    """A campaign's supply used on one local day (cards dropped, lottery draws): claimed by a
+    conditional UPDATE (`used < limit`), so concurrent claimants never oversell."""
+
+    __tablename__ = "daily_supply"
+
+    tenant_id: int = Field(foreign_key="tenant.id", primary_key=True)
+    funnel_id: int = Field(foreign_key="funnel.id", primary_key=True)
+    campaign: str = Field(max_length=64, primary_key=True)
+    local_date: date = Field(primary_key=True)
+    used: int = 0
+
+
+class PrizeStock(SQLModel, table=True):
+    """A lottery prize's remaining stock, seeded from the campaign on the first draw and
+    taken by a conditional UPDATE (`remaining > 0`): never negative."""
+
+    __tablename__ = "prize_stock"
+
+    tenant_id: int = Field(foreign_key="tenant.id", primary_key=True)
+    funnel_id: int = Field(foreign_key="funnel.id", primary_key=True)
+    campaign: str = Field(max_length=64, primary_key=True)
+    prize: str = Field(max_length=64, primary_key=True)
+    remaining: int
+
+
+class LotteryDraw(SQLModel, table=True):
+    """One draw, auditable: `roll` = int(SHA-256(seed)) mod 1,000,000, and the prize is the one
+    whose slice of [0, 1,000,000) holds it (`app.mechanics.rewards.lottery.pick`)."""
+
+    __tablename__ = "lottery_draw"
+    __table_args__ = (
+        Index("ix_lottery_draw_member", "tenant_id", "funnel_id", "campaign", "member_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True))
+    tenant_id: int = Field(foreign_key="tenant.id")
+    funnel_id: int = Field(foreign_key="funnel.id")
+    campaign: str = Field(max_length=64)
+    member_id: int = Field(foreign_key="member.id")
+    local_date: date
+    seed: str = Field(max_length=64)
+    roll: int
+    drawn: str | None = Field(default=None, max_length=64)  # the prize the roll landed on
+    prize: str | None = Field(default=None, max_length=64)  # what was won (None: out of stock)
+    created_at: datetime = Field(sa_type=UTCDateTime)

@@ -1,0 +1,36 @@
+"""Points exchange (积分兑换): spend points for a reward, never past the balance."""
+
+from __future__ import annotations
+
+from app.errors import Refused
+from app.mechanics.commands import Context, Effects
+from app.mechanics.rewards import points
+from app.mechanics.rewards.cards import _campaign, in_dates
+from app.mechanics.rewards.grant import grant_reward
+
+
+def exchange(ctx: Context) -> Effects:
+    ref, cfg, _ = _campaign(ctx, ("points_exchange",))
+    if reason := in_dates(cfg, ctx.now):
+        raise Refused(reason, f'"{cfg.title}" is not running now')
+    m = ctx.member()
+    origin = f"exchange:{ref.funnel_id}:{ctx.data['campaign']}:{m.id}:{ctx.event_id}"
+    points.post(ctx.conn, ctx.tenant_id, m.id, -cfg.points_cost, origin, ctx.now, cfg.title)
+    effects = Effects(m.id, {})
+    voucher = grant_reward(
+        ctx.conn,
+        ctx.tenant_id,
+        m.id,
+        cfg.reward.model_dump(mode="json"),
+        origin,
+        f"rewards.{ctx.data['campaign']}",
+        ref.funnel_id,
+        ctx.now,
+        effects,
+    )
+    effects.result = {
+        "spent": cfg.points_cost,
+        "balance": points.balance(ctx.conn, ctx.tenant_id, m.id),
+        "voucher": voucher.code if voucher is not None else None,
+    }
+    return effects
