@@ -48,7 +48,9 @@ once_t: Table = Once.__table__  # type: ignore[attr-defined]
 member_t: Table = Member.__table__  # type: ignore[attr-defined]
 event_t: Table = EventLog.__table__  # type: ignore[attr-defined]
 
-_JOIN = insert_or_skip(group_member_t, ["tenant_id", "group_id", "member_id"])
+_JOIN = insert_or_skip(
+    group_member_t, ["tenant_id", "group_id", "member_id"], group_member_t.c.member_id
+)
 _ONCE = insert_or_skip(once_t, ["tenant_id", "key"], once_t.c.key)
 _QUESTION = re.compile(r"[?？]|请问|怎么|如何|为什么|吗[\s。!！~]*$")
 DEFAULT_ZONE = ZoneInfo("Asia/Shanghai")
@@ -85,8 +87,8 @@ def joined(conn: Connection, tenant_id: int, group_id: str, member_id: int, now:
     made = conn.execute(
         _JOIN[conn.dialect.name],
         {"tenant_id": tenant_id, "group_id": group_id, "member_id": member_id, "joined_at": now},
-    ).rowcount
-    return bool(made)
+    ).scalar()
+    return made is not None
 
 
 def left(conn: Connection, tenant_id: int, group_id: str, member_id: int) -> None:
