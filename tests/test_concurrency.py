@@ -7,7 +7,9 @@ path (`apply_batch`: its own transaction, deadlock retry and all).
 - 20 tills redeem one voucher at once: exactly one succeeds;
 - 300 members append to one solitaire list at once: lines 1..K, no item oversold;
 - 100 members accept one invite code, then 50 invitees pay twice each, all at once: one
-  link each, each reward once, the inviter's cap of 10 holds.
+  link each, each reward once, the inviter's cap of 10 holds;
+- 200 members claim a card drop of 50 at once: exactly 50 cards;
+- 100 members draw a prize with a stock of 10 at once: exactly 10 won, the stock at 0.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from app.db import make_engine
 from app.events.dispatch import Inbound, Reply, apply_batch
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
 from app.mechanics.referral.models import ReferralLink, ReferralReward
+from app.mechanics.rewards.models import CardBalance, CardEntry, DailySupply, PrizeStock
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireStock
 from app.mechanics.vouchers.models import Voucher
 from tests.conftest import FUNNELS, _truncate, command, tenant_with_funnel
@@ -229,3 +232,39 @@ def test_100_acceptances_of_one_code_and_50_qualifying_orders_at_once(pg):
         keys = conn.execute(select(ReferralReward.reward_key)).scalars().all()  # type: ignore[call-overload]
     assert kinds == Counter({"invitee": 50, "inviter": 10}), kinds  # the cap of 10 held
     assert len(keys) == len(set(keys))
+
+
+def test_200_claimants_of_a_card_drop_of_50(pg):
+    """The 抢霸王餐卡 rush: 200 members claim at the drop's first instant; exactly 50 get a
+    card, 150 hear sold_out, and the ledger, the balances and the supply agree."""
+    doc = copy.deepcopy(LUNCH)
+    doc["mechanics"]["rewards"]["free-meal-card"].update(daily_limit=50, drop_at="10:00")
+    tenant_id = tenant_with_funnel(pg, "office-lunch", doc, OPENS)
+    claims = [
+        command(tenant_id, "card.claim", f"m{i}", funnel="office-lunch", campaign="free-meal-card")
+        for i in range(CROWD)
+    ]
+    replies = race(pg, claims)
+    assert outcomes(replies) == Counter({"ok": 50, "409:sold_out": 150})
+    assert scalar(pg, select(func.count()).select_from(CardEntry)) == 50
+    assert scalar(pg, select(func.sum(CardBalance.count))) == 50  # type: ignore[arg-type]
+    assert scalar(pg, select(DailySupply.used)) == 50  # type: ignore[arg-type]
+
+
+def test_100_draws_race_for_a_prize_stock_of_10(pg):
+    doc = copy.deepcopy(LUNCH)
+    doc["mechanics"]["rewards"]["wheel"] = {
+        "kind": "lottery",
+        "title": "必中转盘",
+        "prizes": [{"name": "drink", "odds_ppm": 1_000_000, "stock": 10, "reward": {"points": 5}}],
+    }
+    tenant_id = tenant_with_funnel(pg, "office-lunch", doc, OPENS)
+    draws = [
+        command(tenant_id, "lottery.draw", f"m{i}", funnel="office-lunch", campaign="wheel")
+        for i in range(100)
+    ]
+    replies = race(pg, draws)
+    assert all(r.ok for r in replies), [r.error for r in replies if not r.ok]
+    won = Counter(r.body["result"]["prize"] for r in replies)
+    assert won == Counter({"drink": 10, None: 90})
+    assert scalar(pg, select(PrizeStock.remaining)) == 0  # type: ignore[arg-type]

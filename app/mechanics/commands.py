@@ -63,13 +63,18 @@ class Context:
 Handler = Callable[[Context], Effects]
 
 
-KINDS = {"groupbuy": "group-buy", "solitaire": "solitaire", "referral": "referral"}
+KINDS = {
+    "groupbuy": "group-buy",
+    "solitaire": "solitaire",
+    "referral": "referral",
+    "rewards": "rewards",
+}
 
 
 def campaign_config(
     ctx: Context, funnel_key: str, kind: str, name: str
 ) -> tuple[store.VersionRef, Any]:
-    """A campaign of `kind` ("groupbuy", "solitaire", "referral") as the funnel's newest open
+    """A campaign of `kind` ("groupbuy", "solitaire", "referral", "rewards") as the funnel's newest open
     version defines it; 404 with a did-you-mean for an unknown funnel or campaign."""
     versions = {v.key: v for v in ctx.versions()}
     ref = versions.get(funnel_key)
