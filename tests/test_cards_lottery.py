@@ -9,8 +9,6 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
-
 from app.mechanics.rewards import lottery
 from tests.conftest import event
 from tests.test_groupbuy import LUNCH, Shop
