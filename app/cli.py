@@ -85,6 +85,7 @@ def _err(text: str) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from app.engine import load_and_compile
+    from app.engine.lint import platform_warnings
 
     failed = 0
     for path in args.files:
@@ -101,6 +102,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         else:
             d = funnel.definition
             _out(f"{path}: ok ({d.key}: {len(d.states)} states, {len(d.transitions)} transitions)")
+            for warning in platform_warnings(d):
+                _out(f"  warning: {warning}")
     return 1 if failed else 0
 
 

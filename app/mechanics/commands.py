@@ -74,8 +74,9 @@ KINDS = {
 def campaign_config(
     ctx: Context, funnel_key: str, kind: str, name: str
 ) -> tuple[store.VersionRef, Any]:
-    """A campaign of `kind` ("groupbuy", "solitaire", "referral", "rewards") as the funnel's newest open
-    version defines it; 404 with a did-you-mean for an unknown funnel or campaign."""
+    """A campaign of `kind` ("groupbuy", "solitaire", "referral", "rewards") as the funnel's
+    newest open version defines it; 404 with a did-you-mean for an unknown funnel or
+    campaign."""
     versions = {v.key: v for v in ctx.versions()}
     ref = versions.get(funnel_key)
     if ref is None:

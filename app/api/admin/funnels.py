@@ -6,10 +6,12 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.api.deps import NowDep, SessionDep, TenantDep
 from app.engine import compile_document
+from app.engine.definition import FunnelDefinition
+from app.engine.lint import platform_warnings
 from app.engine.paths import JsonSyntaxError, loads_checked
 from app.errors import DomainError, FieldProblem, InvalidDefinition
 from app.funnels import service
@@ -39,9 +41,17 @@ class VersionPublic(BaseModel):
     archived_at: datetime | None
 
 
+class LintWarning(BaseModel):
+    path: str = Field(description="JSON path in the definition")
+    message: str
+
+
 class VersionDetail(VersionPublic):
     key: str
     definition: dict[str, Any]
+    warnings: list[LintWarning] = Field(
+        default=[], description="platform rules the definition may break (see app.engine.lint)"
+    )
 
 
 class FunnelSummary(BaseModel):
@@ -57,6 +67,7 @@ class ValidationResult(BaseModel):
     key: str
     states: int
     transitions: int
+    warnings: list[LintWarning] = []
 
 
 class MigrationResult(BaseModel):
@@ -72,8 +83,17 @@ def _version(v: FunnelVersion) -> VersionPublic:
     )
 
 
+def _warnings(definition: FunnelDefinition) -> list[LintWarning]:
+    return [LintWarning(path=w.path, message=w.message) for w in platform_warnings(definition)]
+
+
 def _detail(funnel: Funnel, v: FunnelVersion) -> VersionDetail:
-    return VersionDetail(key=funnel.key, definition=v.definition, **_version(v).model_dump())
+    return VersionDetail(
+        key=funnel.key,
+        definition=v.definition,
+        warnings=_warnings(FunnelDefinition.model_validate(v.definition)),
+        **_version(v).model_dump(),
+    )
 
 
 async def _document(request: Request) -> tuple[Any, list[FieldProblem]]:
@@ -107,6 +127,7 @@ async def validate_funnel(request: Request, tenant: TenantDep) -> ValidationResu
         key=definition.key,
         states=len(definition.states),
         transitions=len(definition.transitions),
+        warnings=_warnings(definition),
     )
 
 
