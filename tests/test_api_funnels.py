@@ -87,7 +87,13 @@ def test_url_key_must_match_the_document(client, engine):
 def test_validate_endpoint_does_not_publish(client, engine):
     _, h = new_tenant(engine)
     r = client.post("/v1/funnels/validate", json=office_lunch(), headers=h)
-    assert r.json() == {"valid": True, "key": "office-lunch", "states": 8, "transitions": 13}
+    assert r.json() == {
+        "valid": True,
+        "key": "office-lunch",
+        "states": 8,
+        "transitions": 13,
+        "warnings": [],
+    }
     assert client.get("/v1/funnels", headers=h).json() == []
 
 

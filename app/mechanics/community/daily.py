@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from app.engine.guards import render_template
 from app.engine.schedule import parse_duration
 from app.errors import NotFound
 from app.funnels import store
@@ -103,7 +104,7 @@ def prune(ctx: Context, policy: Any, source: str, effects: Effects) -> dict[str,
             )
             if gm.warned_at is None:
                 conn.execute(update(group_member_t).where(*where).values(warned_at=now))
-                text = policy.warning.replace("{{ member.nickname }}", gm.nickname or "")
+                text = render_template(policy.warning, {"member": {"nickname": gm.nickname or ""}})
                 effects.actions.append(
                     DirectAction(
                         gm.member_id, "send_message", {"text": text, "group_id": group_id}, source
