@@ -246,15 +246,29 @@ def group_reward(
 
 
 # ── activity ──────────────────────────────────────────────────────────────────────────────
-def _bump_day(conn: Connection, values: dict[str, Any]) -> None:
-    keys = ["tenant_id", "group_id", "member_id", "day"]
-    counts = {k: values[k] for k in ("messages", "shares", "questions")}
-    ins: Any = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(day_t)
-    stmt = ins.values(**values).on_conflict_do_update(
-        index_elements=keys,
-        set_={k: day_t.c[k] + ins.excluded[k] for k in counts},
-    )
-    conn.execute(stmt)
+def _upserts() -> tuple[dict[str, Any], dict[str, Any]]:
+    """A message's two writes, built once per dialect: the member's counters in the group
+    (joining them if the bot never said they joined) and their day's row."""
+    touch, bump = {}, {}
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
+        ins: Any = dialect.insert(group_member_t)
+        touch[name] = ins.on_conflict_do_update(
+            index_elements=["tenant_id", "group_id", "member_id"],
+            set_={
+                "messages": group_member_t.c.messages + 1,
+                "last_seen_at": ins.excluded.last_seen_at,
+                "warned_at": None,
+            },
+        )
+        day: Any = dialect.insert(day_t)
+        bump[name] = day.on_conflict_do_update(
+            index_elements=["tenant_id", "group_id", "member_id", "day"],
+            set_={k: day_t.c[k] + day.excluded[k] for k in ("messages", "shares", "questions")},
+        )
+    return touch, bump
+
+
+_TOUCH, _BUMP_DAY = _upserts()
 
 
 def is_share(data: dict[str, Any]) -> bool:
@@ -275,22 +289,15 @@ def _message(
     effects: Effects,
 ) -> None:
     text = str(data.get("text") or "")
-    joined(conn, tenant_id, group_id, m.id, now)  # a message shows they are in the group
-    conn.execute(
-        update(group_member_t)
-        .where(
-            group_member_t.c.tenant_id == tenant_id,
-            group_member_t.c.group_id == group_id,
-            group_member_t.c.member_id == m.id,
-        )
-        .values(messages=group_member_t.c.messages + 1, last_seen_at=now, warned_at=None)
+    key = {"tenant_id": tenant_id, "group_id": group_id, "member_id": m.id}
+    dialect = conn.dialect.name
+    conn.execute(  # a message also shows they are in the group
+        _TOUCH[dialect], {**key, "joined_at": now, "messages": 1, "last_seen_at": now}
     )
-    _bump_day(
-        conn,
+    conn.execute(
+        _BUMP_DAY[dialect],
         {
-            "tenant_id": tenant_id,
-            "group_id": group_id,
-            "member_id": m.id,
+            **key,
             "day": now.astimezone(zone_of(row)).date(),
             "messages": 1,
             "shares": int(is_share(data)),
