@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,15 @@ def insert_or_skip(table: Table, keys: Sequence[str], returning: Any = None) -> 
         stmt = dialect.insert(table).on_conflict_do_nothing(index_elements=list(keys))
         out[name] = stmt.returning(returning) if returning is not None else stmt
     return out
+
+
+def row_json(row: Any, drop: Sequence[str] = ("tenant_id",)) -> dict[str, Any]:
+    """A row as JSON-ready values: its columns but `drop`, dates and times in ISO 8601."""
+    return {
+        k: v.isoformat() if isinstance(v, date) else v
+        for k, v in row._mapping.items()
+        if k not in drop
+    }
 
 
 metadata.naming_convention = NAMING_CONVENTION

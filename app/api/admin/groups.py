@@ -9,6 +9,7 @@ idempotent with an `Idempotency-Key` and land in the outbox with the change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -67,6 +68,22 @@ def _group_json(row: Any, members: int) -> dict[str, Any]:
 
 def _required(conn: Connection, tenant_id: int, group_id: str) -> Any:
     return service.required_group(conn, tenant_id, group_id)
+
+
+def _newest(
+    conn: Connection,
+    tenant_id: int,
+    group_id: str,
+    table: Any,
+    to_json: Callable[[Any], dict[str, Any]],
+    status: str | None,
+) -> list[dict[str, Any]]:
+    """A group's join requests or moderation decisions, newest first (500 at most)."""
+    _required(conn, tenant_id, group_id)
+    q = select(table).where(table.c.tenant_id == tenant_id, table.c.group_id == group_id)
+    if status:
+        q = q.where(table.c.status == status)
+    return [to_json(r) for r in conn.execute(q.order_by(table.c.id.desc()).limit(500))]
 
 
 @router.put("/{group_id}", responses=responses(422))
@@ -245,16 +262,9 @@ async def join_requests(
 ) -> list[dict[str, Any]]:
     """Join requests, newest first; `status=pending` is the owner's queue."""
 
-    def read(conn: Connection) -> list[dict[str, Any]]:
-        _required(conn, tenant_id, group_id)
-        q = select(request_t).where(
-            request_t.c.tenant_id == tenant_id, request_t.c.group_id == group_id
-        )
-        if status:
-            q = q.where(request_t.c.status == status)
-        return [request_json(r) for r in conn.execute(q.order_by(request_t.c.id.desc()).limit(500))]
-
-    return await read_only(request, read)
+    return await read_only(
+        request, lambda conn: _newest(conn, tenant_id, group_id, request_t, request_json, status)
+    )
 
 
 class Decision(BaseModel):
@@ -299,18 +309,9 @@ async def moderation(
 ) -> list[dict[str, Any]]:
     """Warnings and removals, newest first, each with the message that caused it."""
 
-    def read(conn: Connection) -> list[dict[str, Any]]:
-        _required(conn, tenant_id, group_id)
-        q = select(decision_t).where(
-            decision_t.c.tenant_id == tenant_id, decision_t.c.group_id == group_id
-        )
-        if status:
-            q = q.where(decision_t.c.status == status)
-        return [
-            decision_json(r) for r in conn.execute(q.order_by(decision_t.c.id.desc()).limit(500))
-        ]
-
-    return await read_only(request, read)
+    return await read_only(
+        request, lambda conn: _newest(conn, tenant_id, group_id, decision_t, decision_json, status)
+    )
 
 
 @router.post("/moderation/{decision_id}/reverse", responses=responses(404, 409))

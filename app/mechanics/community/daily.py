@@ -26,7 +26,7 @@ from app.mechanics.community.service import (
     zone_of,
 )
 from app.mechanics.community.settings import PROTECTED_ROLES
-from app.mechanics.rewards.grant import grant_reward
+from app.mechanics.rewards.grant import grant_campaign_reward
 
 
 def run_daily(ctx: Context) -> Effects:
@@ -163,14 +163,14 @@ def birthdays(
         seen.add(member_id)
         origin = f"milestone:{funnel_id}:{name}:birthday:{member_id}:{today.year}"
         if once(ctx.conn, ctx.tenant_id, origin, ctx.now):
-            grant_reward(
+            grant_campaign_reward(
                 ctx.conn,
                 ctx.tenant_id,
                 member_id,
-                cfg.reward.model_dump(mode="json"),
-                origin,
-                f"rewards.{name}",
                 funnel_id,
+                name,
+                cfg.reward,
+                origin,
                 ctx.now,
                 effects,
             )
@@ -241,14 +241,14 @@ def monthly_top(
         out[group_id] = [member_id for _, member_id in ranked]
         for rank, (messages, member_id) in enumerate(ranked, 1):
             origin = f"{key}:{member_id}"
-            grant_reward(
+            grant_campaign_reward(
                 ctx.conn,
                 ctx.tenant_id,
                 member_id,
-                cfg.reward.model_dump(mode="json"),
-                origin,
-                f"rewards.{name}",
                 funnel_id,
+                name,
+                cfg.reward,
+                origin,
                 ctx.now,
                 effects,
                 reason=f"top {rank} in {group_id}, {first:%Y-%m} ({messages} messages)",

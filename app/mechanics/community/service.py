@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Table, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db import insert_or_skip
+from app.db import insert_or_skip, row_json
 from app.engine.guards import render_template
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
@@ -35,7 +35,7 @@ from app.mechanics.community.models import (
     SensitiveWord,
 )
 from app.mechanics.community.settings import PROTECTED_ROLES, GroupSettings
-from app.mechanics.rewards.grant import grant_reward
+from app.mechanics.rewards.grant import grant_campaign_reward, running
 from app.members.models import Member
 
 group_t: Table = ChatGroup.__table__  # type: ignore[attr-defined]
@@ -209,28 +209,29 @@ def _join_milestones(
 ) -> None:
     """Red packets when a member joins and when the group passes a size (100, 1,000)."""
     count: int | None = None
-    for ref in versions:
-        for name, cfg in store.compiled_version(conn, ref).definition.mechanics.rewards.items():
-            if cfg.kind != "milestone" or group_id not in cfg.groups or not cfg.reward:
-                continue
-            if (cfg.starts_at and now < cfg.starts_at) or (cfg.ends_at and now >= cfg.ends_at):
-                continue
-            source = f"rewards.{name}"
-            reward = cfg.reward.model_dump(mode="json")
-            if cfg.on == "member_joined":
-                origin = f"milestone:{ref.funnel_id}:{name}:{group_id}:{m.id}"
-                if once(conn, tenant_id, origin, now):
-                    grant_reward(
-                        conn, tenant_id, m.id, reward, origin, source, ref.funnel_id, now, effects
-                    )
-            elif cfg.on == "group_size":
-                count = member_count(conn, tenant_id, group_id) if count is None else count
-                for size in cfg.sizes:
-                    key = f"milestone:{ref.funnel_id}:{name}:{group_id}:size:{size}"
-                    if count >= size and once(conn, tenant_id, key, now):
-                        effects.actions.extend(
-                            group_reward(group_id, reward, source, members=count, milestone=size)
+    for ref, _funnel, name, cfg in running(conn, versions, "milestone", now):
+        if group_id not in cfg.groups or not cfg.reward:
+            continue
+        if cfg.on == "member_joined":
+            origin = f"milestone:{ref.funnel_id}:{name}:{group_id}:{m.id}"
+            if once(conn, tenant_id, origin, now):
+                grant_campaign_reward(
+                    conn, tenant_id, m.id, ref.funnel_id, name, cfg.reward, origin, now, effects
+                )
+        elif cfg.on == "group_size":
+            count = member_count(conn, tenant_id, group_id) if count is None else count
+            for size in cfg.sizes:
+                key = f"milestone:{ref.funnel_id}:{name}:{group_id}:size:{size}"
+                if count >= size and once(conn, tenant_id, key, now):
+                    effects.actions.extend(
+                        group_reward(
+                            group_id,
+                            cfg.reward.model_dump(mode="json"),
+                            f"rewards.{name}",
+                            members=count,
+                            milestone=size,
                         )
+                    )
 
 
 def group_reward(
@@ -430,20 +431,7 @@ def moderate(
 
 
 def decision_json(r: Any) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "group_id": r.group_id,
-        "member_id": r.member_id,
-        "message_id": r.message_id,
-        "excerpt": r.excerpt,
-        "rule": r.rule,
-        "matched": r.matched,
-        "action": r.action,
-        "status": r.status,
-        "note": r.note,
-        "created_at": r.created_at.isoformat(),
-        "reversed_at": r.reversed_at.isoformat() if r.reversed_at else None,
-    }
+    return row_json(r, ("tenant_id", "event_id"))
 
 
 def reverse_decision(ctx: Context) -> Effects:
@@ -556,16 +544,7 @@ def entry_problems(
 
 
 def request_json(r: Any) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "group_id": r.group_id,
-        "member_id": r.member_id,
-        "status": r.status,
-        "reasons": r.reasons,
-        "note": r.note,
-        "created_at": r.created_at.isoformat(),
-        "decided_at": r.decided_at.isoformat() if r.decided_at else None,
-    }
+    return row_json(r)
 
 
 def request_join(ctx: Context) -> Effects:

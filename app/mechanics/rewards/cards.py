@@ -19,7 +19,7 @@ from app.engine.schedule import parse_duration, parse_local_time
 from app.errors import Refused
 from app.funnels import store
 from app.mechanics.commands import Context, Effects, Emit, campaign_config
-from app.mechanics.rewards.grant import grant_reward
+from app.mechanics.rewards.grant import grant_campaign_reward, running
 from app.mechanics.rewards.models import CardBalance, CardEntry, DailySupply
 
 card_balance_t: Table = CardBalance.__table__  # type: ignore[attr-defined]
@@ -219,14 +219,14 @@ def redeem(ctx: Context) -> Effects:
     origin = f"redeem:{ref.funnel_id}:{ctx.data['campaign']}:{m.id}:{ctx.event_id}"
     post(ctx.conn, ctx.tenant_id, m.id, cfg.card, -cfg.cards_for_reward, "redeem", origin, ctx.now)
     effects = Effects(m.id, {})
-    voucher = grant_reward(
+    voucher = grant_campaign_reward(
         ctx.conn,
         ctx.tenant_id,
         m.id,
-        cfg.reward.model_dump(mode="json"),
-        origin,
-        f"rewards.{ctx.data['campaign']}",
         ref.funnel_id,
+        ctx.data["campaign"],
+        cfg.reward,
+        origin,
         ctx.now,
         effects,
     )
@@ -253,36 +253,23 @@ def observe(
     if event_type != "review.posted":
         return None
     effects = Effects(m.id, {})
-    for ref in versions:
-        funnel = store.compiled_version(conn, ref)
-        for name, cfg in funnel.definition.mechanics.rewards.items():
-            if cfg.kind != "review_for_card" or in_dates(cfg, now):
-                continue
-            if int(data.get("photos") or 0) < cfg.min_photos:
-                continue
-            prefix = f"review:{ref.funnel_id}:{name}:"
-            if cfg.per_member_daily_limit is not None and (
-                entries_today(conn, tenant_id, m.id, prefix, funnel, now)
-                >= cfg.per_member_daily_limit
-            ):
-                continue
-            order = data.get("order_id") or f"review-{data.get('review_id')}"
-            origin = f"{prefix}{order}"  # one card per order, whoever reviews it
-            if post(conn, tenant_id, m.id, str(cfg.card), 1, "review", origin, now) is None:
-                continue
-            effects.emits.append(
-                Emit(m.id, "card.collected", {"card": cfg.card, "via": "review", "campaign": name})
+    for ref, funnel, name, cfg in running(conn, versions, "review_for_card", now):
+        if int(data.get("photos") or 0) < cfg.min_photos:
+            continue
+        prefix = f"review:{ref.funnel_id}:{name}:"
+        if cfg.per_member_daily_limit is not None and (
+            entries_today(conn, tenant_id, m.id, prefix, funnel, now) >= cfg.per_member_daily_limit
+        ):
+            continue
+        order = data.get("order_id") or f"review-{data.get('review_id')}"
+        origin = f"{prefix}{order}"  # one card per order, whoever reviews it
+        if post(conn, tenant_id, m.id, str(cfg.card), 1, "review", origin, now) is None:
+            continue
+        effects.emits.append(
+            Emit(m.id, "card.collected", {"card": cfg.card, "via": "review", "campaign": name})
+        )
+        if cfg.reward and not cfg.cards_for_reward:
+            grant_campaign_reward(
+                conn, tenant_id, m.id, ref.funnel_id, name, cfg.reward, origin, now, effects
             )
-            if cfg.reward and not cfg.cards_for_reward:
-                grant_reward(
-                    conn,
-                    tenant_id,
-                    m.id,
-                    cfg.reward.model_dump(mode="json"),
-                    origin,
-                    f"rewards.{name}",
-                    ref.funnel_id,
-                    now,
-                    effects,
-                )
     return effects if effects.emits or effects.actions else None

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Table, select
 from app.db import insert_or_skip
 from app.funnels import store
 from app.mechanics.commands import Effects
-from app.mechanics.rewards.grant import grant_reward
+from app.mechanics.rewards.grant import grant_campaign_reward, running
 from app.mechanics.rewards.models import CheckIn
 
 checkin_t: Table = CheckIn.__table__  # type: ignore[attr-defined]
@@ -40,44 +40,30 @@ def observe(
     if event_type != "member.checked_in":
         return None
     effects = Effects(m.id, {})
-    for ref in versions:
-        funnel = store.compiled_version(conn, ref)
-        for name, cfg in funnel.definition.mechanics.rewards.items():
-            if cfg.kind != "check_in":
-                continue
-            if (cfg.starts_at and now < cfg.starts_at) or (cfg.ends_at and now >= cfg.ends_at):
-                continue
-            day = now.astimezone(funnel.zone).date()  # the member's day in the funnel's zone
-            key = {
-                "tenant_id": tenant_id,
-                "funnel_id": ref.funnel_id,
-                "campaign": name,
-                "member_id": m.id,
-            }
-            before = conn.execute(
-                select(checkin_t.c.streak).where(
-                    *(checkin_t.c[k] == v for k, v in key.items()),
-                    checkin_t.c.local_date == day - timedelta(days=1),
-                )
-            ).scalar()
-            streak = (before or 0) + 1
-            made = conn.execute(
-                _NEW[conn.dialect.name],
-                {**key, "local_date": day, "streak": streak, "created_at": now},
-            ).scalar()
-            if made is None:
-                continue  # checked in today already
-            if cfg.streak_days and cfg.reward and streak % cfg.streak_days == 0:
-                origin = f"checkin:{ref.funnel_id}:{name}:{m.id}:{day.isoformat()}"
-                grant_reward(
-                    conn,
-                    tenant_id,
-                    m.id,
-                    cfg.reward.model_dump(mode="json"),
-                    origin,
-                    f"rewards.{name}",
-                    ref.funnel_id,
-                    now,
-                    effects,
-                )
+    for ref, funnel, name, cfg in running(conn, versions, "check_in", now):
+        day = now.astimezone(funnel.zone).date()  # the member's day in the funnel's zone
+        key = {
+            "tenant_id": tenant_id,
+            "funnel_id": ref.funnel_id,
+            "campaign": name,
+            "member_id": m.id,
+        }
+        before = conn.execute(
+            select(checkin_t.c.streak).where(
+                *(checkin_t.c[k] == v for k, v in key.items()),
+                checkin_t.c.local_date == day - timedelta(days=1),
+            )
+        ).scalar()
+        streak = (before or 0) + 1
+        made = conn.execute(
+            _NEW[conn.dialect.name],
+            {**key, "local_date": day, "streak": streak, "created_at": now},
+        ).scalar()
+        if made is None:
+            continue  # checked in today already
+        if cfg.streak_days and cfg.reward and streak % cfg.streak_days == 0:
+            origin = f"checkin:{ref.funnel_id}:{name}:{m.id}:{day.isoformat()}"
+            grant_campaign_reward(
+                conn, tenant_id, m.id, ref.funnel_id, name, cfg.reward, origin, now, effects
+            )
     return effects if effects.emits or effects.actions else None

@@ -6,7 +6,7 @@ from app.errors import Refused
 from app.mechanics.commands import Context, Effects
 from app.mechanics.rewards import points
 from app.mechanics.rewards.cards import _campaign, in_dates
-from app.mechanics.rewards.grant import grant_reward
+from app.mechanics.rewards.grant import grant_campaign_reward
 
 
 def exchange(ctx: Context) -> Effects:
@@ -17,14 +17,14 @@ def exchange(ctx: Context) -> Effects:
     origin = f"exchange:{ref.funnel_id}:{ctx.data['campaign']}:{m.id}:{ctx.event_id}"
     points.post(ctx.conn, ctx.tenant_id, m.id, -cfg.points_cost, origin, ctx.now, cfg.title)
     effects = Effects(m.id, {})
-    voucher = grant_reward(
+    voucher = grant_campaign_reward(
         ctx.conn,
         ctx.tenant_id,
         m.id,
-        cfg.reward.model_dump(mode="json"),
-        origin,
-        f"rewards.{ctx.data['campaign']}",
         ref.funnel_id,
+        ctx.data["campaign"],
+        cfg.reward,
+        origin,
         ctx.now,
         effects,
     )

@@ -3,12 +3,14 @@ way every mechanic does it: check-in streaks, referral payouts, early solitaire 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
 
 from app.engine.schedule import parse_duration
+from app.funnels import store
 from app.mechanics.commands import DirectAction, Effects, Emit
 from app.mechanics.rewards import points
 from app.mechanics.vouchers import service as vouchers
@@ -64,3 +66,45 @@ def grant_reward(
         params = {k: v for k, v in action.items() if k != "type"}
         effects.actions.append(DirectAction(member_id, action["type"], params, source))
     return row
+
+
+def grant_campaign_reward(
+    conn: Connection,
+    tenant_id: int,
+    member_id: int,
+    funnel_id: int,
+    name: str,
+    reward: Any,
+    origin: str,
+    now: datetime,
+    effects: Effects,
+    reason: str | None = None,
+) -> Any | None:
+    """`grant_reward` for the `Reward` of rewards campaign `name`."""
+    return grant_reward(
+        conn,
+        tenant_id,
+        member_id,
+        reward.model_dump(mode="json"),
+        origin,
+        f"rewards.{name}",
+        funnel_id,
+        now,
+        effects,
+        reason,
+    )
+
+
+def running(
+    conn: Connection, versions: list[store.VersionRef], kind: str, now: datetime
+) -> Iterator[tuple[store.VersionRef, Any, str, Any]]:
+    """(funnel ref, compiled funnel, name, campaign) for each rewards campaign of `kind`
+    running at `now` in the open funnel versions."""
+    for ref in versions:
+        funnel = store.compiled_version(conn, ref)
+        for name, cfg in funnel.definition.mechanics.rewards.items():
+            if cfg.kind != kind:
+                continue
+            if (cfg.starts_at and now < cfg.starts_at) or (cfg.ends_at and now >= cfg.ends_at):
+                continue
+            yield ref, funnel, name, cfg

@@ -22,11 +22,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, func, select, update
 
-from app.db import insert_or_skip
+from app.db import insert_or_skip, row_json
 from app.errors import Refused
 from app.mechanics.commands import Context, Effects, Emit
 from app.mechanics.rewards.cards import _campaign, in_dates, take_supply
-from app.mechanics.rewards.grant import grant_reward
+from app.mechanics.rewards.grant import grant_campaign_reward
 from app.mechanics.rewards.models import LotteryDraw, PrizeStock
 
 draw_t: Table = LotteryDraw.__table__  # type: ignore[attr-defined]
@@ -119,14 +119,14 @@ def draw(ctx: Context) -> Effects:
     effects = Effects(m.id, {})
     voucher = None
     if won is not None:
-        voucher = grant_reward(
+        voucher = grant_campaign_reward(
             ctx.conn,
             ctx.tenant_id,
             m.id,
-            won.reward.model_dump(mode="json"),
-            f"lottery:{draw_id}",
-            f"rewards.{name}",
             ref.funnel_id,
+            name,
+            won.reward,
+            f"lottery:{draw_id}",
             ctx.now,
             effects,
             reason=f"{cfg.title}: {won.name}",
@@ -147,13 +147,4 @@ def draw(ctx: Context) -> Effects:
 
 
 def draw_json(r: Any) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "member_id": r.member_id,
-        "local_date": r.local_date.isoformat(),
-        "seed": r.seed,
-        "roll": r.roll,
-        "drawn": r.drawn,
-        "prize": r.prize,
-        "at": r.created_at.isoformat(),
-    }
+    return row_json(r, ("tenant_id", "funnel_id", "campaign"))
