@@ -441,3 +441,17 @@ def test_milestone_red_packets_and_the_monthly_top_three(engine, clock):
     club.clock.set(datetime(2027, 1, 1, 5, 0, tzinfo=UTC))
     club.sweep()
     assert len([g for g in club.outbox("grant_points") if g["source"] == "rewards.top3"]) == 3
+
+
+def test_a_solitaire_reply_counts_as_activity_and_is_moderated_like_any_message(club):
+    club.group()
+    r = club.client.put(f"/v1/groups/{GROUP}/words", json={"words": ["代购"]}, headers=club.admin)
+    assert r.status_code == 200
+    club.joins("ann")
+    r = club.says("ann", "+1 红烧肉饭")  # taken as a solitaire reply (no list open today)
+    assert r.json()["result"]["outcome"] == "no_open_list"
+    club.says("ann", "+1 红烧肉饭 代购请私聊")
+    [member] = club.get(f"/v1/groups/{GROUP}/members")
+    assert member["messages"] == 2 and member["messages_in_window"] == 2
+    [warning] = club.actions("warn_member")
+    assert warning["member"] == {"id": "ann"}
