@@ -66,7 +66,7 @@ def prune(ctx: Context, policy: Any, source: str, effects: Effects) -> dict[str,
         if row is None:
             continue
         settings = settings_of(row)
-        zone = zone_of(row)
+        zone = settings.zone
         window_start = (now - within).astimezone(zone).date()
         recent = activity(conn, tenant_id, group_id, window_start)
         roles_since = (now - parse_duration(settings.roles.window)).astimezone(zone).date()
@@ -142,8 +142,10 @@ def _groups_members(ctx: Context, groups: list[str]) -> list[Any]:
     )
 
 
-def _local_day(ctx: Context, funnel_zone_group: str) -> date:
-    return ctx.now.astimezone(zone_of(group(ctx.conn, ctx.tenant_id, funnel_zone_group))).date()
+def _local_days(ctx: Context, groups: list[str]) -> dict[str, date]:
+    """Today in each registered group's zone (one lookup per group)."""
+    rows = (group(ctx.conn, ctx.tenant_id, g) for g in groups)
+    return {r.group_id: ctx.now.astimezone(zone_of(r)).date() for r in rows if r is not None}
 
 
 def birthdays(
@@ -153,10 +155,12 @@ def birthdays(
     today gets the reward, once a year."""
     paid = 0
     seen: set[int] = set()
+    days = _local_days(ctx, cfg.groups)
+    unregistered = ctx.now.astimezone(zone_of(None)).date()  # membership known, no settings
     for group_id, member_id, attributes in _groups_members(ctx, cfg.groups):
         if member_id in seen:
             continue
-        today = _local_day(ctx, group_id)
+        today = days.get(group_id, unregistered)
         birthday = str((attributes or {}).get("birthday") or "")
         if not birthday.endswith(today.strftime("-%m-%d")) and birthday != today.strftime("%m-%d"):
             continue
@@ -181,10 +185,7 @@ def birthdays(
 def holidays(ctx: Context, funnel_id: int, name: str, cfg: Any, effects: Effects) -> dict[str, Any]:
     """On a listed date (MM-DD every year, or YYYY-MM-DD), each group gets the reward once."""
     paid = 0
-    for group_id in cfg.groups:
-        if group(ctx.conn, ctx.tenant_id, group_id) is None:
-            continue
-        today = _local_day(ctx, group_id)
+    for group_id, today in _local_days(ctx, cfg.groups).items():
         if today.strftime("%m-%d") not in cfg.dates and today.isoformat() not in cfg.dates:
             continue
         key = f"milestone:{funnel_id}:{name}:{group_id}:{today.isoformat()}"
@@ -208,11 +209,7 @@ def monthly_top(
     (owners and admins aside; a tie goes to the member known longest) get the reward, once
     per month."""
     out: dict[str, list[int]] = {}
-    for group_id in cfg.groups:
-        row = group(ctx.conn, ctx.tenant_id, group_id)
-        if row is None:
-            continue
-        today = _local_day(ctx, group_id)
+    for group_id, today in _local_days(ctx, cfg.groups).items():
         if today.day != 1:
             continue
         last = today - timedelta(days=1)

@@ -34,8 +34,9 @@ from app.mechanics.community.models import (
     Once,
     SensitiveWord,
 )
-from app.mechanics.community.settings import PROTECTED_ROLES, GroupSettings
-from app.mechanics.rewards.grant import grant_campaign_reward, running
+from app.mechanics.community.settings import PROTECTED_ROLES, GroupSettings, ModerationRules
+from app.mechanics.rewards.campaigns import running
+from app.mechanics.rewards.grant import grant_campaign_reward
 from app.members.models import Member
 
 group_t: Table = ChatGroup.__table__  # type: ignore[attr-defined]
@@ -126,7 +127,7 @@ def member_count(conn: Connection, tenant_id: int, group_id: str) -> int:
 
 
 def zone_of(row: Any | None) -> ZoneInfo:
-    return ZoneInfo(settings_of(row).timezone) if row is not None else DEFAULT_ZONE
+    return settings_of(row).zone if row is not None else DEFAULT_ZONE
 
 
 def group_action(group_id: str, kind: str, source: str, **params: Any) -> DirectAction:
@@ -156,7 +157,7 @@ def observe(
     effects = Effects(m.id, {})
     if event_type == "member.joined":
         if joined(conn, tenant_id, group_id, m.id, now):
-            _welcome(conn, tenant_id, row, m, now, versions, effects)
+            _welcome(conn, tenant_id, group_id, row, m, now, versions, effects)
     else:
         _message(conn, tenant_id, group_id, row, m, data, event_id, now, effects)
     return effects if effects.emits or effects.actions else None
@@ -165,13 +166,13 @@ def observe(
 def _welcome(
     conn: Connection,
     tenant_id: int,
+    group_id: str,
     row: Any | None,
     m: Any,
     now: datetime,
     versions: list[store.VersionRef],
     effects: Effects,
 ) -> None:
-    group_id = row.group_id if row is not None else None
     if row is not None:
         source = f"community.{row.group_id}"
         if row.welcome:
@@ -195,7 +196,7 @@ def _welcome(
                     row.group_id, "group_full", source, members=count, capacity=row.capacity
                 )
             )
-    _join_milestones(conn, tenant_id, group_id or "", m, now, versions, effects)
+    _join_milestones(conn, tenant_id, group_id, m, now, versions, effects)
 
 
 def _join_milestones(
@@ -290,6 +291,7 @@ def _message(
     effects: Effects,
 ) -> None:
     text = str(data.get("text") or "")
+    settings = settings_of(row) if row is not None else None  # validated once per message
     key = {"tenant_id": tenant_id, "group_id": group_id, "member_id": m.id}
     dialect = conn.dialect.name
     conn.execute(  # a message also shows they are in the group
@@ -299,14 +301,14 @@ def _message(
         _BUMP_DAY[dialect],
         {
             **key,
-            "day": now.astimezone(zone_of(row)).date(),
+            "day": now.astimezone(settings.zone if settings else DEFAULT_ZONE).date(),
             "messages": 1,
             "shares": int(is_share(data)),
             "questions": int(bool(_QUESTION.search(text))),
         },
     )
-    if row is not None:
-        moderate(conn, tenant_id, row, m, data, event_id, now, effects)
+    if settings is not None:
+        moderate(conn, tenant_id, row, settings.moderation, m, data, event_id, now, effects)
 
 
 # ── moderation ────────────────────────────────────────────────────────────────────────────
@@ -322,8 +324,9 @@ def matcher_for(conn: Connection, tenant_id: int, row: Any) -> Matcher:
     return MATCHERS.get((tenant_id, row.group_id, row.words_version), build)
 
 
-def first_hit(conn: Connection, tenant_id: int, row: Any, data: dict[str, Any]) -> Hit | None:
-    rules = settings_of(row).moderation
+def first_hit(
+    conn: Connection, tenant_id: int, row: Any, rules: ModerationRules, data: dict[str, Any]
+) -> Hit | None:
     text = str(data.get("text") or "")
     if text and row.words_version:
         hit = matcher_for(conn, tenant_id, row).first(text)
@@ -353,6 +356,7 @@ def moderate(
     conn: Connection,
     tenant_id: int,
     row: Any,
+    rules: ModerationRules,
     m: Any,
     data: dict[str, Any],
     event_id: int,
@@ -361,13 +365,12 @@ def moderate(
 ) -> None:
     """First hit within the strike window: a warning; a second: removal. Both recorded with
     the message that caused them, and appealable."""
-    rules = settings_of(row).moderation
     if not rules.enabled:
         return
     me = membership(conn, tenant_id, row.group_id, m.id)
     if me is not None and me.role in rules.exempt_roles:
         return
-    hit = first_hit(conn, tenant_id, row, data)
+    hit = first_hit(conn, tenant_id, row, rules, data)
     if hit is None:
         return
     since = now - parse_duration(rules.strike_window)
@@ -722,7 +725,7 @@ def persona(settings: GroupSettings, counts: tuple[int, int, int]) -> str:
 
 def members_view(conn: Connection, tenant_id: int, row: Any, now: datetime) -> list[dict[str, Any]]:
     settings = settings_of(row)
-    since = (now - parse_duration(settings.roles.window)).astimezone(zone_of(row)).date()
+    since = (now - parse_duration(settings.roles.window)).astimezone(settings.zone).date()
     counts = activity(conn, tenant_id, row.group_id, since)
     rows = conn.execute(
         select(group_member_t, member_t.c.external_id, member_t.c.nickname)
@@ -733,13 +736,14 @@ def members_view(conn: Connection, tenant_id: int, row: Any, now: datetime) -> l
     out = []
     for r in rows:
         c = counts.get(r.member_id, (0, 0, 0))
+        kind = persona(settings, c)
         out.append(
             {
                 "member_id": r.member_id,
                 "external_id": r.external_id,
                 "nickname": r.nickname,
                 "role": r.role,
-                "persona": persona(settings, c),
+                "persona": kind,
                 "active": c[0] >= settings.roles.active_messages,
                 "messages_in_window": c[0],
                 "shares_in_window": c[1],
@@ -748,7 +752,7 @@ def members_view(conn: Connection, tenant_id: int, row: Any, now: datetime) -> l
                 "joined_at": r.joined_at.isoformat(),
                 "last_seen_at": r.last_seen_at.isoformat() if r.last_seen_at else None,
                 "prune_warned_at": r.warned_at.isoformat() if r.warned_at else None,
-                "protected": r.role in PROTECTED_ROLES or persona(settings, c) == "opinion_leader",
+                "protected": r.role in PROTECTED_ROLES or kind == "opinion_leader",
             }
         )
     return out

@@ -5,6 +5,7 @@ seeds, so a group needs only a name."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import AfterValidator, Field
 
@@ -87,6 +88,10 @@ class GroupSettings(Strict):
     moderation: ModerationRules = ModerationRules()
     roles: RoleRules = RoleRules()
     health: HealthRules = HealthRules()
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
 
 class GroupIn(Strict):

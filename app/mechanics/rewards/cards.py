@@ -18,8 +18,9 @@ from app.db import insert_or_skip
 from app.engine.schedule import parse_duration, parse_local_time
 from app.errors import Refused
 from app.funnels import store
-from app.mechanics.commands import Context, Effects, Emit, campaign_config
-from app.mechanics.rewards.grant import grant_campaign_reward, running
+from app.mechanics.commands import Context, Effects, Emit
+from app.mechanics.rewards.campaigns import reward_campaign, running
+from app.mechanics.rewards.grant import grant_campaign_reward
 from app.mechanics.rewards.models import CardBalance, CardEntry, DailySupply
 
 card_balance_t: Table = CardBalance.__table__  # type: ignore[attr-defined]
@@ -147,34 +148,12 @@ def supply_used(conn: Connection, tenant_id: int, funnel_id: int, campaign: str,
     return int(found or 0)
 
 
-def in_dates(cfg: Any, now: datetime) -> str | None:
-    """Why the campaign is not running at `now` (a reason code), or None."""
-    if cfg.starts_at and now < cfg.starts_at:
-        return "campaign_not_started"
-    if cfg.ends_at and now >= cfg.ends_at:
-        return "campaign_ended"
-    return None
-
-
-def _campaign(ctx: Context, kinds: tuple[str, ...]) -> tuple[store.VersionRef, Any, Any]:
-    ref, cfg = campaign_config(ctx, ctx.data["funnel"], "rewards", ctx.data["campaign"])
-    if cfg.kind not in kinds:
-        raise Refused(
-            "wrong_campaign_kind",
-            f'rewards campaign "{ctx.data["campaign"]}" is a {cfg.kind}, '
-            f"not a {' or '.join(kinds)}",
-        )
-    return ref, cfg, store.compiled_version(ctx.conn, ref)
-
-
 # ── commands ──────────────────────────────────────────────────────────────────────────────
 def claim(ctx: Context) -> Effects:
     """Claim today's card from a drop: within the drop window, one (or the campaign's
     per-member limit) per member per day, while the day's supply lasts."""
-    ref, cfg, funnel = _campaign(ctx, ("card_drop",))
+    ref, cfg, funnel = reward_campaign(ctx, ("card_drop",))
     name = ctx.data["campaign"]
-    if reason := in_dates(cfg, ctx.now):
-        raise Refused(reason, f'"{cfg.title}" is not running now')
     local = ctx.now.astimezone(funnel.zone)
     opens = datetime.combine(local.date(), parse_local_time(cfg.drop_at), funnel.zone)
     closes = opens + parse_duration(cfg.drop_for)
@@ -212,7 +191,8 @@ def _card_result(cfg: Any, held: int) -> dict[str, Any]:
 
 def redeem(ctx: Context) -> Effects:
     """Spend `cards_for_reward` cards for the campaign's reward (the free meal)."""
-    ref, cfg, _ = _campaign(ctx, ("card_drop", "review_for_card"))
+    # cards collected while it ran may be redeemed after it ends
+    ref, cfg, _ = reward_campaign(ctx, ("card_drop", "review_for_card"), must_run=False)
     if not cfg.cards_for_reward or not cfg.reward:
         raise Refused("nothing_to_redeem", f'"{cfg.title}" has no reward to redeem its cards for')
     m = ctx.member()

@@ -16,7 +16,8 @@ from sqlalchemy import Connection, Table, select
 from app.db import insert_or_skip
 from app.funnels import store
 from app.mechanics.commands import Effects
-from app.mechanics.rewards.grant import grant_campaign_reward, running
+from app.mechanics.rewards.campaigns import running
+from app.mechanics.rewards.grant import grant_campaign_reward
 from app.mechanics.rewards.models import CheckIn
 
 checkin_t: Table = CheckIn.__table__  # type: ignore[attr-defined]

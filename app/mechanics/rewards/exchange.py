@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from app.errors import Refused
 from app.mechanics.commands import Context, Effects
 from app.mechanics.rewards import points
-from app.mechanics.rewards.cards import _campaign, in_dates
+from app.mechanics.rewards.campaigns import reward_campaign
 from app.mechanics.rewards.grant import grant_campaign_reward
 
 
 def exchange(ctx: Context) -> Effects:
-    ref, cfg, _ = _campaign(ctx, ("points_exchange",))
-    if reason := in_dates(cfg, ctx.now):
-        raise Refused(reason, f'"{cfg.title}" is not running now')
+    ref, cfg, _ = reward_campaign(ctx, ("points_exchange",))
     m = ctx.member()
     origin = f"exchange:{ref.funnel_id}:{ctx.data['campaign']}:{m.id}:{ctx.event_id}"
     points.post(ctx.conn, ctx.tenant_id, m.id, -cfg.points_cost, origin, ctx.now, cfg.title)

@@ -3,14 +3,12 @@ way every mechanic does it: check-in streaks, referral payouts, early solitaire 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
 
 from app.engine.schedule import parse_duration
-from app.funnels import store
 from app.mechanics.commands import DirectAction, Effects, Emit
 from app.mechanics.rewards import points
 from app.mechanics.vouchers import service as vouchers
@@ -93,18 +91,3 @@ def grant_campaign_reward(
         effects,
         reason,
     )
-
-
-def running(
-    conn: Connection, versions: list[store.VersionRef], kind: str, now: datetime
-) -> Iterator[tuple[store.VersionRef, Any, str, Any]]:
-    """(funnel ref, compiled funnel, name, campaign) for each rewards campaign of `kind`
-    running at `now` in the open funnel versions."""
-    for ref in versions:
-        funnel = store.compiled_version(conn, ref)
-        for name, cfg in funnel.definition.mechanics.rewards.items():
-            if cfg.kind != kind:
-                continue
-            if (cfg.starts_at and now < cfg.starts_at) or (cfg.ends_at and now >= cfg.ends_at):
-                continue
-            yield ref, funnel, name, cfg

@@ -25,7 +25,8 @@ from sqlalchemy import Connection, Table, func, select, update
 from app.db import insert_or_skip, row_json
 from app.errors import Refused
 from app.mechanics.commands import Context, Effects, Emit
-from app.mechanics.rewards.cards import _campaign, in_dates, take_supply
+from app.mechanics.rewards.campaigns import reward_campaign
+from app.mechanics.rewards.cards import take_supply
 from app.mechanics.rewards.grant import grant_campaign_reward
 from app.mechanics.rewards.models import LotteryDraw, PrizeStock
 
@@ -69,10 +70,8 @@ def take_prize(
 
 def draw(ctx: Context) -> Effects:
     """Draw once: within the member's daily limit and the campaign's daily draws."""
-    ref, cfg, funnel = _campaign(ctx, ("lottery",))
+    ref, cfg, funnel = reward_campaign(ctx, ("lottery",))
     name = ctx.data["campaign"]
-    if reason := in_dates(cfg, ctx.now):
-        raise Refused(reason, f'"{cfg.title}" is not running now')
     m = ctx.member()
     day = ctx.now.astimezone(funnel.zone).date()
     mine = ctx.conn.execute(
