@@ -83,3 +83,10 @@ class TooManyRequests(DomainError):
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
         self.retry_after = retry_after
+
+
+class InvalidQuery(DomainError):
+    """A report's parameters cannot be answered (a range that ends before it starts, an
+    unknown stage); `errors` names the parameter, `query:from`."""
+
+    status, code, title = 422, "invalid_query", "Invalid query"

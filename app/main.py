@@ -15,7 +15,16 @@ from sqlalchemy import Engine
 
 from app import problems
 from app.api import rewards, solitaire, webhooks
-from app.api.admin import deliveries, funnels, groups, keys, members, webhook_sources, wechat
+from app.api.admin import (
+    deliveries,
+    funnels,
+    groups,
+    keys,
+    members,
+    reports,
+    webhook_sources,
+    wechat,
+)
 from app.api.admin import groupbuy as admin_groupbuy
 from app.api.admin import referral as admin_referral
 from app.api.health import router as health_router
@@ -102,6 +111,7 @@ def create_app(
         groups.broadcasts,
         rewards.member,
         rewards.admin,
+        reports.router,
     ):
         app.include_router(router)
 

@@ -289,6 +289,7 @@ def _step_member(
 ) -> tuple[list[dict[str, Any]], int, list[Emit]]:
     """Step every funnel the member (locked) is in, or enters, with one event. Mechanics that
     watch plain events (referral qualification, refunds) see it first."""
+    _attribute(conn, m, event_type, data)
     profile = _profile(m)
     versions = cache.open_versions(conn, tenant_id)
     watched = [
@@ -322,6 +323,36 @@ def _step_member(
         if outcome.matched or active:
             outcomes.append(result)
     return outcomes, n_actions, emits
+
+
+# First-touch attribution: which event fields say where a member came from. A column is
+# written once, by the first event that carries it (a member row already has it: no write).
+_ATTRIBUTION = {
+    "member.scanned": (("channel", "acquired_channel"),),
+    "member.joined": (
+        ("channel", "acquired_channel"),
+        ("group_id", "acquired_group"),
+        ("inviter_id", "invited_by"),
+    ),
+    "invite.accepted": (("channel", "acquired_channel"), ("inviter_id", "invited_by")),
+}
+
+
+def _attribute(conn: Connection, m: Any, event_type: str, data: dict[str, Any]) -> None:
+    fields = _ATTRIBUTION.get(event_type)
+    if not fields:
+        return
+    changes = {
+        column: str(data[key])
+        for key, column in fields
+        if data.get(key) and getattr(m, column) is None
+    }
+    if changes:
+        conn.execute(
+            update(member_t)
+            .where(member_t.c.id == m.id, *(member_t.c[c].is_(None) for c in changes))
+            .values(**changes)
+        )
 
 
 _LOG_EMITTED = insert(event_t).returning(event_t.c.id)

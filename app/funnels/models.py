@@ -61,7 +61,8 @@ class StageHistory(SQLModel, table=True):
 
     __tablename__ = "stage_history"
     __table_args__ = (
-        Index("ix_stage_history_report", "tenant_id", "funnel_id", "stage", "entered_at"),
+        # Reports read one funnel's entries in a date range.
+        Index("ix_stage_history_report", "tenant_id", "funnel_id", "entered_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -70,6 +71,9 @@ class StageHistory(SQLModel, table=True):
     member_id: int = Field(foreign_key="member.id", index=True)
     instance_id: int = Field(foreign_key="funnel_instance.id", index=True)
     version: int
+    campaign: str | None = Field(
+        default=None, max_length=100, description="the funnel's campaign at entry"
+    )
     stage: str = Field(max_length=16)
     state: str = Field(max_length=64, description="the state the stage was entered through")
     entered_at: datetime = Field(sa_type=UTCDateTime)

@@ -19,6 +19,11 @@ class Member(SQLModel, table=True):
     nickname: str | None = Field(default=None, max_length=100)
     attributes: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
     created_at: datetime = Field(sa_type=UTCDateTime)
+    # First-touch attribution, set once from the first event that says it (member.scanned,
+    # member.joined, invite.accepted) and never overwritten: the report's breakdowns.
+    acquired_channel: str | None = Field(default=None, max_length=64)
+    acquired_group: str | None = Field(default=None, max_length=128)
+    invited_by: str | None = Field(default=None, max_length=128, description="inviter's id")
 
     def profile(self) -> dict[str, Any]:
         """What funnel guards and templates see as `member`."""

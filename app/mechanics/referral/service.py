@@ -213,6 +213,8 @@ def accept(ctx: Context) -> Effects:
     effects.result["outcome"] = outcome
     if outcome == "attributed" and code.owner_member_id is not None:
         data["inviter_id"] = _external_id(ctx.conn, code.owner_member_id)
+    if outcome == "attributed" and code.channel is not None:
+        data["channel"] = code.channel  # a poster's or a staff member's code
     effects.emits.append(Emit(invitee.id, "invite.accepted", data))
     return effects
 
