@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FUNNEL_FILES := $(filter-out funnels/funnel.schema.json,$(wildcard funnels/*.json))
 
-.PHONY: install run test lint check schema bench worker clean
+.PHONY: install run test lint check schema bench worker clean browser
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required" >&2; exit 1; }
@@ -26,8 +26,21 @@ run: $(STAMP)
 	$(BIN)/flywheel load-funnels --tenant demo $(FUNNEL_FILES)
 	FLYWHEEL_ENV=$${FLYWHEEL_ENV:-development} $(BIN)/uvicorn --factory app.main:create_app --host $(HOST) --port $(PORT)
 
+## make browser: Debian's Chromium for the console's end-to-end test. Installed under CI
+## (CI=true, as root); elsewhere a missing browser is reported and that one test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$${CI:-}" = "true" ]; then \
+	    echo "installing chromium for the console test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	      || { echo "error: could not install chromium" >&2; exit 1; }; \
+	  else \
+	    echo "WARNING: chromium is not installed; tests/test_console.py will SKIP (apt-get install chromium)" >&2; \
+	  fi; }
+
 ## make test: install and run the whole suite (SQLite and, when reachable, PostgreSQL).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy

@@ -32,6 +32,7 @@ from app.api.member import groupbuy as member_groupbuy
 from app.api.member import me, session
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
+from app.console import routes as console
 from app.db import make_engine
 from app.engine.definition import FunnelDefinition
 from app.events.dispatch import Dispatcher
@@ -112,6 +113,8 @@ def create_app(
         rewards.member,
         rewards.admin,
         reports.router,
+        console.router,
+        console.links,
     ):
         app.include_router(router)
 

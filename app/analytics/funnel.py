@@ -132,6 +132,16 @@ def period_for(
     return Period(midnight(start), midnight(end + timedelta(days=1)), within, zone)
 
 
+def period_json(period: Period) -> dict[str, str]:
+    """The range as the local dates asked for (`to` inclusive) and the zone."""
+    last = period.end.astimezone(period.zone) - timedelta(days=1)
+    return {
+        "from": period.start.astimezone(period.zone).date().isoformat(),
+        "to": last.date().isoformat(),
+        "timezone": str(period.zone),
+    }
+
+
 def _where(scope: Scope, start: datetime, end: datetime) -> list[ColumnElement[bool]]:
     h = history_t.c
     conds = [

@@ -119,7 +119,7 @@ def groupbuy(conn: Connection, scope: Scope, period: Period) -> list[dict[str, A
 
 # ── solitaire ───────────────────────────────────────────────────────────────────────────────
 class item_units(FunctionElement[int]):
-    """The sum of `quantity` over a line's items (a JSON array), in the database."""
+    """The sum of `qty` over a line's items (a JSON array), in the database."""
 
     type = Integer()
     inherit_cache = True
@@ -128,14 +128,14 @@ class item_units(FunctionElement[int]):
 @compiles(item_units, "sqlite")
 def _units_sqlite(element: item_units, compiler: Any, **kw: Any) -> str:
     col = compiler.process(next(iter(element.clauses)), **kw)
-    sql = "(SELECT COALESCE(SUM(json_extract(value, '$.quantity')), 0) FROM json_each({}))"
+    sql = "(SELECT COALESCE(SUM(json_extract(value, '$.qty')), 0) FROM json_each({}))"
     return sql.format(col)  # col: the compiled column expression, never input
 
 
 @compiles(item_units, "postgresql")
 def _units_pg(element: item_units, compiler: Any, **kw: Any) -> str:
     col = compiler.process(next(iter(element.clauses)), **kw)
-    sql = "(SELECT COALESCE(SUM((e ->> 'quantity')::int), 0) FROM jsonb_array_elements({}) AS e)"
+    sql = "(SELECT COALESCE(SUM((e ->> 'qty')::int), 0) FROM jsonb_array_elements({}) AS e)"
     return sql.format(col)
 
 
@@ -153,7 +153,7 @@ def solitaire(conn: Connection, scope: Scope, period: Period) -> list[dict[str, 
             lst.opens_at,
             func.count(ln.id),
             func.count(distinct(ln.member_id)),
-            func.sum(item_units(ln.items)),
+            func.sum(item_units(ln["items"])),  # `.items` is the collection method
             func.sum(ln.total_fen),
         )
         .select_from(list_t.outerjoin(line_t, live))
@@ -319,16 +319,14 @@ def cohorts(
     def week(column: Any) -> Any:  # 1970-01-01 was a Thursday: +3 makes weeks start Monday
         return (local_day(column, period.zone, period.start, horizon) + 3) // 7
 
+    cohort = select(first.c.member_id, first.c.at, week(first.c.at).label("w")).subquery()
     size: dict[int, int] = dict(
-        conn.execute(
-            select(week(first.c.at).label("w"), func.count()).group_by(week(first.c.at))
-        ).all()
+        conn.execute(select(cohort.c.w, func.count()).group_by(cohort.c.w)).all()
     )
-    offset = (week(e.occurred_at) - week(first.c.at)).label("k")
     active = (
-        select(week(first.c.at).label("w"), offset, e.member_id)
-        .select_from(first.join(event_t, e.member_id == first.c.member_id))
-        .where(e.occurred_at >= first.c.at, e.occurred_at < horizon)
+        select(cohort.c.w, (week(e.occurred_at) - cohort.c.w).label("k"), e.member_id)
+        .select_from(cohort.join(event_t, e.member_id == cohort.c.member_id))
+        .where(e.occurred_at >= cohort.c.at, e.occurred_at < horizon)
         .distinct()
         .subquery()
     )

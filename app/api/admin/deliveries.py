@@ -233,7 +233,13 @@ def replay_delivery(
 ) -> DeliveryOut:
     """Send a dead-lettered (or already delivered) action again, with a fresh set of
     attempts. It keeps its id, so a receiver that saw it already can tell."""
-    o = _row(session, tenant.id, delivery)
+    return DeliveryOut(**_delivery(replay(session, tenant.id, delivery, now)))
+
+
+def replay(session: Any, tenant_id: int | None, delivery: str, now: datetime) -> Outbox:
+    """Put a dead, delivered or suppressed action back in the queue (the API and the
+    console's replay button)."""
+    o = _row(session, tenant_id, delivery)
     if o.status not in (DEAD, DELIVERED, SUPPRESSED):
         raise ReplayConflict(
             f"delivery {delivery} is {o.status}; only dead, delivered or suppressed ones replay"
@@ -241,4 +247,4 @@ def replay_delivery(
     o.status, o.attempts, o.next_attempt_at, o.lease_until = PENDING, 0, now, None
     session.add(o)
     session.flush()
-    return DeliveryOut(**_delivery(o))
+    return o

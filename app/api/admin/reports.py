@@ -5,7 +5,7 @@ connections; nothing here writes."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import date
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -21,6 +21,7 @@ from app.analytics.funnel import (
     breakdown,
     daily,
     period_for,
+    period_json,
     report,
     scope_for,
 )
@@ -63,13 +64,10 @@ class ReportQuery:
         return scope, period_for(zone, today, self.start, self.end, self.window)
 
     def header(self, key: str, scope: Scope, period: Period) -> dict[str, Any]:
-        last = period.end.astimezone(period.zone) - timedelta(days=1)
         return {
             "funnel": key,
             "version": scope.version,
-            "from": period.start.astimezone(period.zone).date().isoformat(),
-            "to": last.date().isoformat(),
-            "timezone": str(period.zone),
+            **period_json(period),
             "window": self.window,
         }
 
