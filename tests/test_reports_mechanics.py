@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tests.test_groupbuy import OPENS, Shop, shop  # noqa: F401 - the fixture
+import pytest
+
+from tests.test_groupbuy import Shop
 from tests.test_solitaire import MENU, append, open_list
+
+
+@pytest.fixture
+def shop(engine, clock) -> Shop:  # type: ignore[no-untyped-def]
+    return Shop(engine, clock)
 
 
 def test_groupbuy_solitaire_and_cohorts_from_real_traffic(shop: Shop) -> None:

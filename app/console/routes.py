@@ -1,5 +1,5 @@
-"""/console: sign in with a tenant key (or a five-minute sign-in link), then one server-rendered page per
-funnel: the funnel chart and table, the daily series, the mechanics' reports, live
+"""/console: sign in with a tenant key (or a five-minute sign-in link), then one
+server-rendered page per funnel: the funnel chart and table, the daily series, the mechanics' reports, live
 group-buy teams, open solitaire lists, and failed deliveries with a replay button.
 
 The session is an HttpOnly, SameSite=Strict cookie holding a signed 8-hour console token
