@@ -1,6 +1,7 @@
 """/console: sign in with a tenant key (or a five-minute sign-in link), then one
-server-rendered page per funnel: the funnel chart and table, the daily series, the mechanics' reports, live
-group-buy teams, open solitaire lists, and failed deliveries with a replay button.
+server-rendered page per funnel: the funnel chart and table, the daily series, the
+mechanics' reports, live group-buy teams, open solitaire lists, and failed deliveries with
+a replay button.
 
 The session is an HttpOnly, SameSite=Strict cookie holding a signed 8-hour console token
 (never the API key); each form carries a CSRF token derived from it.
