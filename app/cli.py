@@ -1,4 +1,5 @@
-"""`flywheel`: validate and simulate funnels, migrate, bootstrap tenants, load funnels, serve."""
+"""`flywheel`: validate, simulate and replay funnels, migrate, bootstrap tenants, load funnels,
+serve."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine
 
-from app.errors import InvalidDefinition
+from app.errors import DomainError, InvalidDefinition
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,6 +32,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per step")
     p.set_defaults(run=cmd_simulate)
+
+    p = sub.add_parser(
+        "replay",
+        help="what-if: replay a tenant's recorded events through a draft funnel, writing "
+        "nothing, and print the stage counts it would have produced next to the real ones",
+    )
+    p.add_argument(
+        "funnel_version",
+        metavar="FUNNEL_VERSION",
+        help="a draft definition file (draft.json), or a stored version as KEY:NUMBER",
+    )
+    p.add_argument("--tenant", required=True, help="tenant name or id")
+    p.add_argument("--from", dest="start", required=True, type=date.fromisoformat)
+    p.add_argument("--to", dest="end", required=True, type=date.fromisoformat)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=cmd_replay)
 
     p = sub.add_parser("schema", help="print the funnel JSON Schema")
     p.set_defaults(run=cmd_schema)
@@ -207,6 +224,89 @@ def _engine() -> Engine:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _bar(done: int, total: int) -> None:
+    """A progress bar on stderr: `[██████░░░░]  61%  610,000/1,000,000 events`."""
+    width, share = 30, done / total if total else 1.0
+    filled = int(width * share)
+    bar = "█" * filled + "░" * (width - filled)
+    sys.stderr.write(f"\r[{bar}] {share:4.0%}  {done:,}/{total:,} events")
+    sys.stderr.flush()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    engine = _engine()
+    try:
+        return _replay(args, engine)
+    finally:
+        engine.dispose()
+
+
+def _replay(args: argparse.Namespace, engine: Engine) -> int:
+    from sqlalchemy import select
+
+    from app.analytics.funnel import period_for, scope_for
+    from app.analytics.replay import replay
+    from app.db import read_connection, session_scope
+    from app.engine import load_and_compile
+    from app.funnels.store import funnel_t, version_t
+
+    with session_scope(engine) as session:
+        tenant = _find_tenant(session, args.tenant)
+        if tenant is None:
+            _err(f'no tenant "{args.tenant}"')
+            return 1
+        tenant_id = tenant.id
+    with read_connection(engine) as conn:
+        try:
+            if ":" in args.funnel_version and not Path(args.funnel_version).exists():
+                key, _, number = args.funnel_version.partition(":")
+                document = conn.execute(
+                    select(version_t.c.definition)
+                    .join(funnel_t, funnel_t.c.id == version_t.c.funnel_id)
+                    .where(
+                        funnel_t.c.tenant_id == tenant_id,
+                        funnel_t.c.key == key,
+                        version_t.c.version == int(number),
+                    )
+                ).scalar()
+                if document is None:
+                    _err(f'funnel "{key}" has no version {number}')
+                    return 1
+                draft = load_and_compile(json.dumps(document).encode(), version=int(number))
+            else:
+                draft = load_and_compile(Path(args.funnel_version).read_bytes(), version=0)
+        except InvalidDefinition as exc:
+            _err(f"{args.funnel_version}: invalid funnel:")
+            for problem in exc.problems:
+                _err(f"  {problem}")
+            return 1
+        except (OSError, ValueError) as exc:
+            _err(f"{args.funnel_version}: {exc}")
+            return 1
+        try:
+            scope, zone = scope_for(conn, tenant_id, draft.definition.key, None)
+            period = period_for(zone, args.end, args.start, args.end, "P1D")
+            result = replay(conn, scope, draft, period, progress=None if args.json else _bar)
+        except DomainError as exc:
+            _err(exc.detail)
+            return 1
+    if args.json:
+        _out(json.dumps(result))
+        return 0
+    sys.stderr.write("\n")
+    _out(f"{draft.definition.key}: {result['events']:,} events, {result['members']:,} members")
+    _out(f"{'stage':<10} {'real':>10} {'would':>10} {'change':>10}")
+    for s in result["stages"]:
+        real, would = s["real"], s["would"]
+        change = "" if real is None or would is None else f"{would - real:+,}"
+        _out(f"{s['stage']:<10} {_num(real):>10} {_num(would):>10} {change:>10}")
+    return 0
+
+
+def _num(n: int | None) -> str:
+    return "–" if n is None else f"{n:,}"
 
 
 def cmd_create_tenant(args: argparse.Namespace) -> int:

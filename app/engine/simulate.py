@@ -1,9 +1,10 @@
 """Dry runs: feed a funnel a timeline of events for several members, firing timers as they come
 due, exactly as the service would — and write nothing. Used by `flywheel simulate` (and by
-what-if replays later)."""
+what-if replays: `flywheel replay`)."""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,9 @@ class Simulator:
         self.funnel = funnel
         self.members: dict[str, MemberState] = {}
         self.now: datetime | None = None
+        # Armed timers, earliest first. An entry whose timer was cancelled or re-armed since
+        # is skipped when it comes up: firing is O(log n), not a scan of every member.
+        self._due: list[tuple[datetime, str, str]] = []
 
     def feed(self, entries: Iterable[TimelineEntry]) -> Iterator[Record]:
         for entry in entries:
@@ -55,22 +59,19 @@ class Simulator:
 
     def fire_timers(self, until: datetime) -> Iterator[Record]:
         """Fire every timer due by `until`, earliest first, as the timer worker would."""
-        while True:
-            due = [
-                (t.due_at, name, t.key)
-                for name, s in self.members.items()
-                for t in s.timers
-                if t.due_at <= until
-            ]
-            if not due:
-                return
-            at, name, key = min(due)
+        while self._due and self._due[0][0] <= until:
+            at, name, key = heapq.heappop(self._due)
+            state = self.members.get(name)
+            if state is None or not any(t.key == key and t.due_at == at for t in state.timers):
+                continue  # cancelled, or re-armed for another time
             self.now = at
-            yield self._apply(name, self.members[name], Event.timer_fired(key), at)
+            yield self._apply(name, state, Event.timer_fired(key), at)
 
     def _apply(self, name: str, state: MemberState, event: Event, at: datetime) -> Record:
         outcome = step(self.funnel, state, event, at)
         self.members[name] = outcome.state if outcome.matched else state
+        for timer in outcome.timers_armed:
+            heapq.heappush(self._due, (timer.due_at, name, timer.key))
         return Record(at, name, event, state, outcome)
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import Connection
 
 from app.analytics import export, mechanics
@@ -25,11 +26,13 @@ from app.analytics.funnel import (
     report,
     scope_for,
 )
+from app.analytics.replay import MAX_REPLAY_EVENTS, count_events, replay
 from app.api.deps import TenantIdDep
 from app.api.submit import read_only
 from app.db import read_connection
+from app.engine import load_and_compile
 from app.engine.definition import STAGES
-from app.errors import FieldProblem, InvalidQuery
+from app.errors import FieldProblem, InvalidDefinition, InvalidQuery
 from app.problems import responses
 
 router = APIRouter(prefix="/v1/reports", tags=["reports"], responses=responses(401, 404, 422))
@@ -191,3 +194,43 @@ async def members_by_stage(
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{key}-members.csv"'},
     )
+
+
+class ReplayIn(BaseModel):
+    definition: dict[str, Any] = Field(description="the draft funnel (same key as the live one)")
+    start: date = Field(alias="from", description="first local day")
+    end: date = Field(alias="to", description="last local day, inclusive")
+
+
+@router.post("/funnels/{key}/replay")
+async def what_if(key: str, body: ReplayIn, request: Request, tenant_id: TenantIdDep) -> Any:
+    """Replay the range's recorded events through a draft definition, writing nothing:
+    the members who would have entered each stage next to those who did. Long replays
+    belong to `flywheel replay`, which shows a progress bar; this answers up to
+    MAX_REPLAY_EVENTS events."""
+    try:
+        draft = load_and_compile(orjson.dumps(body.definition), version=0)
+    except InvalidDefinition as exc:
+        raise InvalidDefinition(
+            [FieldProblem(f"definition.{p.path}".rstrip("."), p.message) for p in exc.problems]
+        ) from exc
+    if draft.definition.key != key:
+        raise InvalidQuery(
+            f'the draft is funnel "{draft.definition.key}", not "{key}"',
+            errors=[FieldProblem("definition.key", f'must be "{key}"')],
+        )
+
+    def run(conn: Connection) -> dict[str, Any]:
+        scope, zone = scope_for(conn, tenant_id, key, None)
+        today = request.app.state.clock.now().astimezone(zone).date()
+        period = period_for(zone, today, body.start, body.end, "P1D")
+        n = count_events(conn, scope, period)
+        if n > MAX_REPLAY_EVENTS:
+            raise InvalidQuery(
+                f"the range holds {n:,} events; the API replays at most "
+                f"{MAX_REPLAY_EVENTS:,}: use `flywheel replay` or a shorter range",
+                errors=[FieldProblem("to", "too many events in the range")],
+            )
+        return {"funnel": key, **period_json(period), **replay(conn, scope, draft, period)}
+
+    return await read_only(request, run)
