@@ -66,21 +66,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def prepare(url: str) -> tuple[str, str]:
     """Migrate, create a tenant with the office-lunch funnel and a webhook source."""
-    from app.db import make_engine, session_scope
+    from app.db import session_scope
     from app.events.sources import create_source
-    from app.funnels.service import publish
-    from app.migrations import upgrade
-    from app.tenancy.service import create_tenant
+    from bench.report import tenant_with
 
-    upgrade(url)
-    engine = make_engine(url)
-    now = datetime.now(UTC)
+    funnel = json.loads((ROOT / "funnels" / "office-lunch.json").read_text())
+    engine, tenant_id = tenant_with(url, funnel)
     with session_scope(engine) as session:
-        tenant, _, _ = create_tenant(session, "bench", now)
-        assert tenant.id is not None
-        funnel = json.loads((ROOT / "funnels" / "office-lunch.json").read_text())
-        publish(session, tenant.id, funnel["key"], funnel, now)
-        source = create_source(session, tenant.id, "bench", now)
+        source = create_source(session, tenant_id, "bench", datetime.now(UTC))
         path, secret = f"/v1/webhooks/{source.public_id}", source.secret
     engine.dispose()
     return path, secret
@@ -124,7 +117,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="timed phase per target")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--members", type=int, default=2000)
-    p.add_argument("--targets", default="baseline,sqlite,postgres,words")
+    p.add_argument("--targets", default="baseline,sqlite,postgres,words,report")
+    p.add_argument("--report-members", type=int, default=1_000_000)
     a = p.parse_args()
     targets = a.targets.split(",")
     results: dict[str, dict[str, Any]] = {}
@@ -143,13 +137,18 @@ def main() -> int:
             results["sqlite"] = bench_flywheel(pool, "sqlite", f"sqlite:///{tmp}/bench.db", a)
         if "postgres" in targets:
             results["postgres"] = bench_postgres(pool, a)
+        reports = None
+        if "report" in targets:
+            from bench.report import measure as measure_report
+
+            reports = measure_report(a.report_members, tmp, PG_SERVER)
     pool.shutdown()
     words = None
     if "words" in targets:
         from bench.words import measure as measure_words
 
         words = measure_words()
-    report(results, a, words)
+    report(results, a, words, reports)
     return 0
 
 
@@ -170,7 +169,12 @@ def bench_postgres(pool: ProcessPoolExecutor, a: Any) -> dict[str, Any]:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def report(results: dict[str, dict[str, Any]], a: Any, words: dict[str, Any] | None) -> None:
+def report(
+    results: dict[str, dict[str, Any]],
+    a: Any,
+    words: dict[str, Any] | None,
+    reports: dict[str, Any] | None = None,
+) -> None:
     base = results.get("baseline", {}).get("rps") or 0
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     rows = [
@@ -204,6 +208,10 @@ def report(results: dict[str, dict[str, Any]], a: Any, words: dict[str, Any] | N
             f"{words['automaton_us'] / words['loop_us']:.1%} |\n"
             f"| loop over the words | {words['loop_us']} | — |\n"
         )
+    if reports:
+        from bench.report import markdown
+
+        md += markdown(reports)
     print("\n" + md)
     (ROOT / "bench" / "results.md").write_text(md)
     out: dict[str, Any] = {"machine": machine, "measured_at": when}
@@ -217,6 +225,8 @@ def report(results: dict[str, dict[str, Any]], a: Any, words: dict[str, Any] | N
             out[f"webhook_errors_{db}"] = results[db]["errors"]
     if words:
         out["sensitive_words"] = words
+    if reports:
+        out["funnel_report"] = reports
     (ROOT / "bench" / "results.json").write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -222,24 +222,19 @@ async def console(
 
 
 def _live(conn: Connection, tenant_id: int) -> dict[str, Any]:
-    teams = conn.execute(
-        select(team_t)
-        .where(team_t.c.tenant_id == tenant_id, team_t.c.status == "open")
-        .order_by(team_t.c.deadline)
-        .limit(50)
-    ).all()
-    dead = conn.execute(
-        select(outbox_t)
-        .where(outbox_t.c.tenant_id == tenant_id, outbox_t.c.status == "dead")
-        .order_by(outbox_t.c.id.desc())
-        .limit(50)
-    ).all()
-    lists = conn.execute(
-        select(list_t)
-        .where(list_t.c.tenant_id == tenant_id, list_t.c.status == "open")
-        .order_by(list_t.c.closes_at)
-        .limit(50)
-    ).all()
+    def newest(table: Any, status: str, order: Any) -> list[Any]:
+        return list(
+            conn.execute(
+                select(table)
+                .where(table.c.tenant_id == tenant_id, table.c.status == status)
+                .order_by(order)
+                .limit(50)
+            ).all()
+        )
+
+    teams = newest(team_t, "open", team_t.c.deadline)
+    dead = newest(outbox_t, "dead", outbox_t.c.id.desc())
+    lists = newest(list_t, "open", list_t.c.closes_at)
     return {
         "teams": teams,
         "lists": lists,
