@@ -170,7 +170,15 @@ def test_a_dead_endpoint_dead_letters_after_the_last_try_and_replay_resends(
 def test_a_members_actions_are_delivered_in_order(setup, engine, clock, receiver):
     app, client, h, source = setup
     _connect(client, h, receiver)
-    receiver.script = [500]
+    failed: list[str] = []
+
+    def wx1s_first(body: Any) -> bool:  # deliveries run concurrently: fail by member, not turn
+        if body["member"]["id"] == "wx-1" and not failed:
+            failed.append(body["id"])
+            return True
+        return False
+
+    receiver.refuse = wx1s_first
     source.send(event("member.joined", "wx-1"))
     source.send(event("message.posted", "wx-1", group_id="g", message_id="1"))
     source.send(event("order.paid", "wx-1", order_id="o1", amount_fen=4000))
