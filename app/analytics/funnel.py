@@ -227,6 +227,11 @@ def report(conn: Connection, scope: Scope, period: Period) -> dict[str, Any]:
     return {"stages": stages}
 
 
+def report_with_daily(conn: Connection, scope: Scope, period: Period) -> dict[str, Any]:
+    """The report and its daily series: the API's body and the console's page."""
+    return {**report(conn, scope, period), "daily": daily(conn, scope, period)}
+
+
 def _percentiles(
     conn: Connection, f: Any, t: list[Any], step: list[ColumnElement[bool]]
 ) -> dict[Any, tuple[float, float]]:

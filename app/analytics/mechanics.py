@@ -351,3 +351,14 @@ def cohorts(
             }
         )
     return out
+
+
+def every_report(conn: Connection, scope: Scope, period: Period, now: datetime) -> dict[str, Any]:
+    """All the mechanics' reports of one funnel and range (the API's body, the console's)."""
+    return {
+        "groupbuy": groupbuy(conn, scope, period),
+        "solitaire": solitaire(conn, scope, period),
+        "referral": referral(conn, scope, period),
+        "community": community(conn, scope, period, now),
+        "cohorts": cohorts(conn, scope, period),
+    }

@@ -24,8 +24,9 @@ from sqlalchemy import Connection, select
 from sqlmodel import Session
 
 from app.analytics import mechanics
-from app.analytics.funnel import daily, period_for, period_json, report, scope_for
+from app.analytics.funnel import report_with_daily
 from app.api.admin.deliveries import replay
+from app.api.admin.reports import ReportQuery
 from app.api.deps import TenantIdDep
 from app.api.submit import read_only
 from app.db import read_connection, session_scope
@@ -195,23 +196,14 @@ async def console(
         key = funnel if funnel in keys else (keys[0] if keys else None)
         context: dict[str, Any] = {"funnels": keys, "funnel": key, **_live(conn, tenant_id)}
         if key is not None:
-            scope, zone = scope_for(conn, tenant_id, key, None)
-            period = period_for(zone, now.astimezone(zone).date(), start, end, window)
-            stages = report(conn, scope, period)["stages"]
+            params = ReportQuery(None, start, end, window)
+            scope, period = params.resolve(conn, tenant_id, key, request)
             context["report"] = {
-                **period_json(period),
-                "window": window,
-                "stages": stages,
-                "daily": daily(conn, scope, period),
+                **params.header(key, scope, period),
+                **report_with_daily(conn, scope, period),
             }
             context["stage_names"] = list(scope.stages)
-            context["mechanics"] = {
-                "groupbuy": mechanics.groupbuy(conn, scope, period),
-                "solitaire": mechanics.solitaire(conn, scope, period),
-                "referral": mechanics.referral(conn, scope, period),
-                "community": mechanics.community(conn, scope, period, now),
-                "cohorts": mechanics.cohorts(conn, scope, period),
-            }
+            context["mechanics"] = mechanics.every_report(conn, scope, period, now)
         return context
 
     try:

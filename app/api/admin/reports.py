@@ -20,10 +20,9 @@ from app.analytics.funnel import (
     Period,
     Scope,
     breakdown,
-    daily,
     period_for,
     period_json,
-    report,
+    report_with_daily,
     scope_for,
 )
 from app.analytics.replay import MAX_REPLAY_EVENTS, count_events, replay
@@ -96,11 +95,7 @@ async def funnel_report(
 
     def read(conn: Connection) -> dict[str, Any]:
         scope, period = params.resolve(conn, tenant_id, key, request)
-        return {
-            **params.header(key, scope, period),
-            **report(conn, scope, period),
-            "daily": daily(conn, scope, period),
-        }
+        return {**params.header(key, scope, period), **report_with_daily(conn, scope, period)}
 
     body = await read_only(request, read)
     if format == "csv":
@@ -159,11 +154,7 @@ async def mechanics_report(
         scope, period = params.resolve(conn, tenant_id, key, request)
         return {
             **params.header(key, scope, period),
-            "groupbuy": mechanics.groupbuy(conn, scope, period),
-            "solitaire": mechanics.solitaire(conn, scope, period),
-            "referral": mechanics.referral(conn, scope, period),
-            "community": mechanics.community(conn, scope, period, now),
-            "cohorts": mechanics.cohorts(conn, scope, period),
+            **mechanics.every_report(conn, scope, period, now),
         }
 
     return await read_only(request, read)
