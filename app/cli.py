@@ -246,8 +246,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace, engine: Engine) -> int:
     from sqlalchemy import select
 
-    from app.analytics.funnel import period_for, scope_for
-    from app.analytics.replay import replay
+    from app.analytics.replay import replay, replay_range
     from app.db import read_connection, session_scope
     from app.engine import load_and_compile
     from app.funnels.store import funnel_t, version_t
@@ -286,8 +285,9 @@ def _replay(args: argparse.Namespace, engine: Engine) -> int:
             _err(f"{args.funnel_version}: {exc}")
             return 1
         try:
-            scope, zone = scope_for(conn, tenant_id, draft.definition.key, None)
-            period = period_for(zone, args.end, args.start, args.end, "P1D")
+            scope, period = replay_range(
+                conn, tenant_id, draft.definition.key, args.start, args.end
+            )
             result = replay(conn, scope, draft, period, progress=None if args.json else _bar)
         except DomainError as exc:
             _err(exc.detail)

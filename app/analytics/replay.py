@@ -5,12 +5,12 @@ Nothing is written: the events are read in one pass, in the order they happened.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from app.analytics.funnel import Period, Scope, report
+from app.analytics.funnel import Period, Scope, period_for, report, scope_for
 from app.engine.compiler import CompiledFunnel
 from app.engine.definition import STAGES
 from app.engine.simulate import Simulator, TimelineEntry
@@ -33,6 +33,15 @@ def _events(tenant_id: int, period: Period) -> Any:
         e.occurred_at >= period.start,
         e.occurred_at < period.end,
     )
+
+
+def replay_range(
+    conn: Connection, tenant_id: int, key: str, start: date, end: date
+) -> tuple[Scope, Period]:
+    """The live funnel's scope and the local days [start, end] (the CLI's and the API's)."""
+    scope, zone = scope_for(conn, tenant_id, key, None)
+    # No conversion window plays a part in a replay; period_for only validates one.
+    return scope, period_for(zone, end, start, end, "P1D")
 
 
 def count_events(conn: Connection, scope: Scope, period: Period) -> int:

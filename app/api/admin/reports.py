@@ -25,7 +25,7 @@ from app.analytics.funnel import (
     report_with_daily,
     scope_for,
 )
-from app.analytics.replay import MAX_REPLAY_EVENTS, count_events, replay
+from app.analytics.replay import MAX_REPLAY_EVENTS, count_events, replay, replay_range
 from app.api.deps import TenantIdDep
 from app.api.submit import read_only
 from app.db import read_connection
@@ -212,9 +212,7 @@ async def what_if(key: str, body: ReplayIn, request: Request, tenant_id: TenantI
         )
 
     def run(conn: Connection) -> dict[str, Any]:
-        scope, zone = scope_for(conn, tenant_id, key, None)
-        today = request.app.state.clock.now().astimezone(zone).date()
-        period = period_for(zone, today, body.start, body.end, "P1D")
+        scope, period = replay_range(conn, tenant_id, key, body.start, body.end)
         n = count_events(conn, scope, period)
         if n > MAX_REPLAY_EVENTS:
             raise InvalidQuery(
