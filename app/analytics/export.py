@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, select
 
+from app.csvfile import BOM, line
 from app.funnels.store import instance_t
 from app.members.models import Member
 
 member_t = Member.__table__  # type: ignore[attr-defined]
-BOM = "\ufeff"
 MEMBER_COLUMNS = (
     "external_id",
     "nickname",
@@ -26,16 +24,6 @@ MEMBER_COLUMNS = (
     "invited_by",
     "updated_at",
 )
-
-
-def _line(values: Iterable[Any]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\r\n").writerow(["" if v is None else v for v in values])
-    return buf.getvalue()
-
-
-def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> bytes:
-    return (BOM + _line(header) + "".join(_line(r) for r in rows)).encode()
 
 
 def report_rows(report: dict[str, Any]) -> bytes:
@@ -53,10 +41,10 @@ def report_rows(report: dict[str, Any]) -> bytes:
         "reached_from_first",
         "conversion_from_first",
     )
-    out = BOM + _line(cols) + "".join(_line(s.get(c) for c in cols) for s in stages)
+    out = BOM + line(cols) + "".join(line(s.get(c) for c in cols) for s in stages)
     names = [s["stage"] for s in stages]
-    out += "\r\n" + _line(["date", *names])
-    out += "".join(_line([d["date"], *(d[n] for n in names)]) for d in report["daily"])
+    out += "\r\n" + line(["date", *names])
+    out += "".join(line([d["date"], *(d[n] for n in names)]) for d in report["daily"])
     return out.encode()
 
 
@@ -65,7 +53,7 @@ def members(
 ) -> Iterator[bytes]:
     """Every member's current place in the funnel (optionally in one stage), streamed in
     keyset pages: a million members never sit in memory at once."""
-    yield (BOM + _line(MEMBER_COLUMNS)).encode()
+    yield (BOM + line(MEMBER_COLUMNS)).encode()
     i, m = instance_t.c, member_t.c
     after = 0
     while True:
@@ -94,4 +82,4 @@ def members(
         if not rows:
             return
         after = rows[-1].id
-        yield "".join(_line([*r[1:-1], r.updated_at.isoformat()]) for r in rows).encode()
+        yield "".join(line([*r[1:-1], r.updated_at.isoformat()]) for r in rows).encode()

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection
 
+from app import csvfile
 from app.analytics import export, mechanics
 from app.analytics.funnel import (
     DIMENSIONS,
@@ -137,7 +138,7 @@ async def funnel_breakdown(
             ]
             for v in body["values"]
         )
-        return _csv(export.table(header, rows), f"{key}-by-{by}")
+        return _csv(csvfile.table(header, rows), f"{key}-by-{by}")
     return Response(orjson.dumps(body), media_type="application/json")
 
 

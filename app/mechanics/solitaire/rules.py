@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from app import csvfile
 from app.errors import FieldProblem
 
 # Why an entry is refused (409 `code`).
@@ -243,17 +242,17 @@ def kitchen(
 
 
 def kitchen_csv(summary: Mapping[str, Any]) -> bytes:
-    """The kitchen summary as CSV, UTF-8 with a BOM so spreadsheet programs read Chinese."""
-    buf = io.StringIO()
-    out = csv.writer(buf)
-    out.writerow(["section", "name", "sku", "quantity", "amount_yuan"])
-    for i in summary["items"]:
-        out.writerow(["item", i["name"], i["sku"], i["quantity"], f"{i['amount_fen'] / 100:.2f}"])
-    for p in summary["pickup_points"]:
-        for sku, n in p["items"].items():
-            out.writerow(["pickup", p["pickup"], sku, n, ""])
-    for m in summary["members"]:
-        for sku, n in m["items"].items():
-            out.writerow(["member", m["member"], sku, n, ""])
-        out.writerow(["member_total", m["member"], "", "", f"{m['total_fen'] / 100:.2f}"])
-    return ("\ufeff" + buf.getvalue()).encode("utf-8")
+    """The kitchen summary as CSV (app.csvfile: UTF-8 with a BOM for spreadsheets)."""
+
+    def rows() -> Iterator[list[Any]]:
+        for i in summary["items"]:
+            yield ["item", i["name"], i["sku"], i["quantity"], f"{i['amount_fen'] / 100:.2f}"]
+        for p in summary["pickup_points"]:
+            for sku, n in p["items"].items():
+                yield ["pickup", p["pickup"], sku, n, ""]
+        for m in summary["members"]:
+            for sku, n in m["items"].items():
+                yield ["member", m["member"], sku, n, ""]
+            yield ["member_total", m["member"], "", "", f"{m['total_fen'] / 100:.2f}"]
+
+    return csvfile.table(["section", "name", "sku", "quantity", "amount_yuan"], rows())
