@@ -127,6 +127,21 @@ def read_connection(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
+_MEMO = "flywheel_transaction_memo"
+
+
+def transaction_memo(conn: Connection) -> dict[Any, Any]:
+    """A dict that lives as long as the connection's current transaction: for rows the write
+    path reads for every event but only other transactions change (a chat group's settings).
+    The connection's `info` outlives checkouts, so the dict is tied to the transaction."""
+    transaction = conn.get_transaction()
+    held = conn.info.get(_MEMO)
+    if held is None or held[0] is not transaction:
+        held = conn.info[_MEMO] = (transaction, {})
+    memo: dict[Any, Any] = held[1]
+    return memo
+
+
 def ping(engine: Engine) -> None:
     with read_connection(engine) as conn:
         conn.execute(text("SELECT 1"))

@@ -108,16 +108,77 @@ class Reply:
 
 
 class BatchCache:
-    """What one transaction may reuse between its events: the tenant's open versions."""
+    """What one transaction may reuse between its events.
+
+    The tenant's open versions, and rows prefetched for the whole batch with one statement
+    each instead of one per event: the batch's members (locked, in id order) and their
+    funnel instances. A prefetched row is handed out once, to the first event that asks for
+    it, and then forgotten: that event may change it, so later events read it again. Every
+    path that writes a member's row or instances first takes the member through this cache
+    (`member_by_ref`, `member_by_id`, `instances`), so no event sees a row another event
+    already changed. Timers and sweeps use the cache without prefetching."""
 
     def __init__(self) -> None:
         self.versions: dict[int, list[store.VersionRef]] = {}
+        self._members: dict[int, Any] = {}  # member id -> locked row, not yet handed out
+        self._by_ref: dict[tuple[int, str], int] = {}  # (tenant, external id) -> member id
+        self._instances: dict[int, dict[int, store.InstanceRow]] = {}
 
     def open_versions(self, conn: Connection, tenant_id: int) -> list[store.VersionRef]:
         hit = self.versions.get(tenant_id)
         if hit is None:
             hit = self.versions[tenant_id] = store.open_versions(conn, tenant_id)
         return hit
+
+    def prefetch(self, conn: Connection, items: Sequence[Inbound]) -> None:
+        refs: dict[int, set[str]] = {}
+        ids: dict[int, set[int]] = {}
+        for item in items:
+            if item.member is not None:
+                refs.setdefault(item.tenant_id, set()).add(str(item.member["id"]))
+            elif item.member_id is not None:
+                ids.setdefault(item.tenant_id, set()).add(item.member_id)
+        rows = [
+            *(
+                r
+                for tenant, ext in refs.items()
+                for r in conn.execute(
+                    _MEMBERS_BY_EXTERNAL, {"b_tenant": tenant, "b_ext": sorted(ext)}
+                )
+            ),
+            *(
+                r
+                for tenant, wanted in ids.items()
+                for r in conn.execute(_MEMBERS_BY_ID, {"b_tenant": tenant, "b_ids": sorted(wanted)})
+            ),
+        ]
+        for r in rows:
+            self._members[r.id] = r
+            self._by_ref[(r.tenant_id, r.external_id)] = r.id
+        if self._members:
+            self._instances = store.instances_of_members(conn, self._members)
+
+    def member_by_ref(self, tenant_id: int, external_id: str) -> Any | None:
+        member_id = self._by_ref.get((tenant_id, external_id))
+        return self._members.pop(member_id, None) if member_id is not None else None
+
+    def member_by_id(self, conn: Connection, tenant_id: int, member_id: int) -> Any | None:
+        hit = self._members.pop(member_id, None)
+        if hit is not None and hit.tenant_id == tenant_id:
+            return hit
+        return conn.execute(_MEMBER_BY_ID, {"b_id": member_id, "b_tenant": tenant_id}).first()
+
+    def instances(self, conn: Connection, member_id: int) -> dict[int, store.InstanceRow]:
+        hit = self._instances.pop(member_id, None)
+        return hit if hit is not None else store.member_instances(conn, member_id)
+
+    def drop_instances(self, member_id: int) -> None:
+        self._instances.pop(member_id, None)
+
+    def forget(self) -> None:
+        """After an event's savepoint rolled back: what it read may be gone with it."""
+        self._members.clear()
+        self._instances.clear()
 
 
 # Statements built once (see app.funnels.store); ON CONFLICT needs the dialect's insert.
@@ -147,6 +208,26 @@ _MEMBER_BY_EXTERNAL = (
 _MEMBER_BY_ID = (
     select(member_t)
     .where(member_t.c.id == bindparam("b_id"), member_t.c.tenant_id == bindparam("b_tenant"))
+    .with_for_update()
+)
+# The batch's members, locked in one order (id), so two writers never wait on each other
+# in a cycle over the same members.
+_MEMBERS_BY_EXTERNAL = (
+    select(member_t)
+    .where(
+        member_t.c.tenant_id == bindparam("b_tenant"),
+        member_t.c.external_id.in_(bindparam("b_ext", expanding=True)),
+    )
+    .order_by(member_t.c.id)
+    .with_for_update()
+)
+_MEMBERS_BY_ID = (
+    select(member_t)
+    .where(
+        member_t.c.tenant_id == bindparam("b_tenant"),
+        member_t.c.id.in_(bindparam("b_ids", expanding=True)),
+    )
+    .order_by(member_t.c.id)
     .with_for_update()
 )
 _NEW_MEMBER = insert_or_skip(member_t, ["tenant_id", "external_id"])
@@ -205,11 +286,13 @@ def _replay(conn: Connection, item: Inbound) -> Reply:
     return Reply(prior.status_code or 200, orjson.loads(raw), replayed=True, raw=raw)
 
 
-def _member(conn: Connection, tenant_id: int, ref: dict[str, Any], now: datetime) -> Any:
+def _member(
+    conn: Connection, tenant_id: int, ref: dict[str, Any], now: datetime, cache: BatchCache
+) -> Any:
     """Find the member by the integration's id (creating it on first sight), lock the row,
     and merge what the event says about the profile."""
     key = {"b_tenant": tenant_id, "b_ext": ref["id"]}
-    m = conn.execute(_MEMBER_BY_EXTERNAL, key).first()
+    m = cache.member_by_ref(tenant_id, ref["id"]) or conn.execute(_MEMBER_BY_EXTERNAL, key).first()
     if m is None:
         conn.execute(
             _NEW_MEMBER[conn.dialect.name],
@@ -246,12 +329,13 @@ def _profile(m: Any) -> dict[str, Any]:
     }
 
 
-def _resolve_member(conn: Connection, item: Inbound, now: datetime) -> Any:
+def _resolve_member(conn: Connection, item: Inbound, now: datetime, cache: BatchCache) -> Any:
     """The event's member, locked: by the integration's reference (created on first sight)
     or by Flywheel's id."""
     if item.member is not None:
-        return _member(conn, item.tenant_id, item.member, now)
-    m = conn.execute(_MEMBER_BY_ID, {"b_id": item.member_id, "b_tenant": item.tenant_id}).first()
+        return _member(conn, item.tenant_id, item.member, now, cache)
+    assert item.member_id is not None
+    m = cache.member_by_id(conn, item.tenant_id, item.member_id)
     if m is None:
         raise NotFound(f"no member {item.member_id}")
     return m
@@ -260,7 +344,7 @@ def _resolve_member(conn: Connection, item: Inbound, now: datetime) -> Any:
 def _step_funnels(
     conn: Connection, item: Inbound, event_id: int, now: datetime, cache: BatchCache
 ) -> tuple[dict[str, Any], int]:
-    m = _resolve_member(conn, item, now)
+    m = _resolve_member(conn, item, now, cache)
     versions = cache.open_versions(conn, item.tenant_id)
     if item.type not in BUILTIN_EVENTS:
         custom = {
@@ -297,7 +381,7 @@ def _step_member(
         for watch in WATCHERS
         if (fx := watch(conn, tenant_id, m, event_type, data, event_id, now, versions))
     ]
-    instances = store.member_instances(conn, m.id)
+    instances = cache.instances(conn, m.id)
     candidates: dict[int, store.VersionRef] = {v.funnel_id: v for v in versions}
     for current in instances.values():
         if current.status == "active":
@@ -372,7 +456,7 @@ def _emit_all(
     queue = deque((e, 1) for e in emits)
     locked: dict[int, Any] = {}
     for member_id in sorted({e.member_id for e in emits}):  # one lock order: fewer deadlocks
-        locked[member_id] = _lock_member(conn, tenant_id, member_id)
+        locked[member_id] = _lock_member(conn, tenant_id, member_id, cache)
     outcomes: list[dict[str, Any]] = []
     n_actions = 0
     while queue:
@@ -384,7 +468,7 @@ def _emit_all(
             )
         m = locked.get(emit.member_id)
         if m is None:
-            m = locked[emit.member_id] = _lock_member(conn, tenant_id, emit.member_id)
+            m = locked[emit.member_id] = _lock_member(conn, tenant_id, emit.member_id, cache)
         event_id = conn.execute(
             _LOG_EMITTED,
             {
@@ -408,8 +492,11 @@ def _emit_all(
     return outcomes, n_actions
 
 
-def _lock_member(conn: Connection, tenant_id: int, member_id: int) -> Any:
-    return conn.execute(_MEMBER_BY_ID, {"b_id": member_id, "b_tenant": tenant_id}).one()
+def _lock_member(conn: Connection, tenant_id: int, member_id: int, cache: BatchCache) -> Any:
+    m = cache.member_by_id(conn, tenant_id, member_id)
+    if m is None:
+        raise NotFound(f"no member {member_id}")
+    return m
 
 
 def _run_command(
@@ -426,7 +513,7 @@ def _run_command(
 
     def member() -> Any:
         if not actor:
-            actor.append(_resolve_member(conn, item, now))
+            actor.append(_resolve_member(conn, item, now, cache))
         return actor[0]
 
     ctx = Context(
@@ -664,8 +751,10 @@ def _fire_timer(
     """A due timer: step its one instance with `timer.fired`, and delete the timer row in
     this same transaction (so it fires at most once)."""
     conn.execute(_DROP_TIMER, {"b_id": item.timer_id})
-    m = conn.execute(_MEMBER_BY_ID, {"b_id": item.member_id, "b_tenant": item.tenant_id}).one()
+    assert item.member_id is not None
     assert item.instance_id is not None and item.timer_key is not None
+    m = _lock_member(conn, item.tenant_id, item.member_id, cache)
+    cache.drop_instances(m.id)  # prefetched or not, this member's instances change here
     inst = store.instance_by_id(conn, item.instance_id)
     outcomes, n_actions = [], 0
     if inst is not None:
@@ -701,12 +790,34 @@ def _is_retryable(exc: DBAPIError) -> bool:
     return code in ("40P01", "40001")  # deadlock detected, serialization failure
 
 
+class _Savepoint:
+    """A SAVEPOINT per event, sent on the driver's cursor. SQLAlchemy's `begin_nested` does
+    the same with bookkeeping that cost more than the event's own statements (about 150 µs
+    per event on SQLite); the root transaction stays SQLAlchemy's, and one name serves
+    because every savepoint is released or rolled back before the next is taken."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+    def begin(self) -> None:
+        self._cursor.execute("SAVEPOINT flywheel_event")
+
+    def release(self) -> None:
+        self._cursor.execute("RELEASE SAVEPOINT flywheel_event")
+
+    def rollback(self) -> None:
+        self._cursor.execute("ROLLBACK TO SAVEPOINT flywheel_event")
+        self._cursor.execute("RELEASE SAVEPOINT flywheel_event")
+
+
 def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -> list[Reply]:
     replies: list[Reply] = []
     cache = BatchCache()
     with engine.connect() as conn, conn.begin():
+        cache.prefetch(conn, items)
+        savepoint = _Savepoint(conn)
         for item in items:
-            savepoint = conn.begin_nested()
+            savepoint.begin()
             try:
                 reply = apply_one(conn, item, now, cache)
             except DomainError as exc:
@@ -717,15 +828,17 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
                 if _is_retryable(exc):
                     raise  # the transaction is aborted: retry the batch
                 savepoint.rollback()
+                cache.forget()
                 log.exception("event failed in the write path", extra={"fields": _ids(item)})
                 replies.append(Reply(500, {}, error=WritePathError(str(exc.orig))))
                 continue
             except Exception as exc:  # a bug for one event must not fail the others
                 savepoint.rollback()
+                cache.forget()
                 log.exception("event failed in the write path", extra={"fields": _ids(item)})
                 replies.append(Reply(500, {}, error=WritePathError(type(exc).__name__)))
                 continue
-            savepoint.commit()
+            savepoint.release()
             replies.append(reply)
     return replies
 

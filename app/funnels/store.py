@@ -166,6 +166,22 @@ def member_instances(conn: Connection, member_id: int) -> dict[int, InstanceRow]
     return {r.funnel_id: _row(r) for r in rows}
 
 
+_BY_MEMBERS = _instance_query().where(
+    instance_t.c.member_id.in_(bindparam("b_members", expanding=True))
+)
+
+
+def instances_of_members(
+    conn: Connection, member_ids: Iterable[int]
+) -> dict[int, dict[int, InstanceRow]]:
+    """Several members' instances (by member, then funnel) in one statement; every member
+    asked about gets an entry, empty if they are in no funnel."""
+    out: dict[int, dict[int, InstanceRow]] = {m: {} for m in member_ids}
+    for r in conn.execute(_BY_MEMBERS, {"b_members": sorted(out)}):
+        out[r.member_id][r.funnel_id] = _row(r)
+    return out
+
+
 def instance_by_id(conn: Connection, instance_id: int) -> InstanceRow | None:
     r = conn.execute(_BY_ID, {"b_id": instance_id}).first()
     return _row(r) if r else None

@@ -14,10 +14,10 @@ from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Table, delete, func, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db import insert_or_skip, row_json
+from app.db import insert_or_skip, row_json, transaction_memo
 from app.engine.guards import render_template
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
@@ -58,10 +58,13 @@ DEFAULT_ZONE = ZoneInfo("Asia/Shanghai")
 
 
 # ── groups and membership ─────────────────────────────────────────────────────────────────
+_GROUP = select(group_t).where(
+    group_t.c.tenant_id == bindparam("b_tenant"), group_t.c.group_id == bindparam("b_group")
+)
+
+
 def group(conn: Connection, tenant_id: int, group_id: str) -> Any | None:
-    return conn.execute(
-        select(group_t).where(group_t.c.tenant_id == tenant_id, group_t.c.group_id == group_id)
-    ).first()
+    return conn.execute(_GROUP, {"b_tenant": tenant_id, "b_group": group_id}).first()
 
 
 def settings_of(row: Any) -> GroupSettings:
@@ -153,13 +156,20 @@ def observe(
     if event_type == "member.left":
         left(conn, tenant_id, group_id, m.id)
         return None
-    row = group(conn, tenant_id, group_id)
+    # Groups change only through the admin API, in transactions of their own: one read per
+    # batch, with the settings validated once.
+    memo = transaction_memo(conn)
+    hit = memo.get(("group", tenant_id, group_id))
+    if hit is None:
+        row = group(conn, tenant_id, group_id)
+        hit = memo[("group", tenant_id, group_id)] = (row, settings_of(row) if row else None)
+    row, settings = hit
     effects = Effects(m.id, {})
     if event_type == "member.joined":
         if joined(conn, tenant_id, group_id, m.id, now):
             _welcome(conn, tenant_id, group_id, row, m, now, versions, effects)
     else:
-        _message(conn, tenant_id, group_id, row, m, data, event_id, now, effects)
+        _message(conn, tenant_id, group_id, row, settings, m, data, event_id, now, effects)
     return effects if effects.emits or effects.actions else None
 
 
@@ -284,6 +294,7 @@ def _message(
     tenant_id: int,
     group_id: str,
     row: Any | None,
+    settings: GroupSettings | None,
     m: Any,
     data: dict[str, Any],
     event_id: int,
@@ -291,7 +302,6 @@ def _message(
     effects: Effects,
 ) -> None:
     text = str(data.get("text") or "")
-    settings = settings_of(row) if row is not None else None  # validated once per message
     key = {"tenant_id": tenant_id, "group_id": group_id, "member_id": m.id}
     dialect = conn.dialect.name
     conn.execute(  # a message also shows they are in the group
