@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -40,6 +41,54 @@ class Problem(BaseModel):
     errors: list[ProblemError] = []
 
 
+def problem_body(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    instance: str,
+    errors: list[FieldProblem] | None = None,
+) -> dict[str, Any]:
+    return {
+        "type": PROBLEM_TYPE + code.replace("_", "-"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+        "code": code,
+        "errors": [{"path": e.path, "message": e.message} for e in errors or []],
+    }
+
+
+Parts = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]  # status, media type, body, headers
+
+
+def problem_of(exc: DomainError, instance: str) -> Parts:
+    """A domain error as raw ASGI parts (status, media type, body, headers), for the
+    fast paths that answer without FastAPI; the same document `install` renders."""
+    headers = dict(exc.headers)
+    if exc.status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    body = problem_body(exc.status, exc.code, exc.title, exc.detail, instance, exc.errors)
+    return (
+        exc.status,
+        MEDIA_TYPE.encode(),
+        orjson.dumps(body),
+        [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+    )
+
+
+def database_unavailable(
+    exc: OperationalError, instance: str
+) -> tuple[int, bytes, bytes, list[Any]]:
+    log.warning("database unavailable on %s: %s", instance, exc.orig)
+    body = problem_body(503, "database_unavailable", "Database unavailable", _DB_DOWN, instance)
+    return 503, MEDIA_TYPE.encode(), orjson.dumps(body), [(b"retry-after", b"2")]
+
+
+_DB_DOWN = "the database could not be reached; retry shortly"
+
+
 def problem_response(
     request: Request,
     status: int,
@@ -49,15 +98,7 @@ def problem_response(
     errors: list[FieldProblem] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE + code.replace("_", "-"),
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "instance": request.url.path,
-        "code": code,
-        "errors": [{"path": e.path, "message": e.message} for e in errors or []],
-    }
+    body = problem_body(status, code, title, detail, request.url.path, errors)
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
@@ -127,7 +168,7 @@ def install(app: FastAPI) -> None:
             503,
             "database_unavailable",
             "Database unavailable",
-            "the database could not be reached; retry shortly",
+            _DB_DOWN,
             headers={"Retry-After": "2"},
         )
 

@@ -34,14 +34,19 @@ def respond(reply: Reply) -> Response:
 async def submit(request: Request, item: Inbound) -> Response:
     """Apply `item` through the dispatcher (group commit) and answer once it is durable:
     the stored response, byte for byte, or the problem that refused it."""
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    metrics: Metrics = request.app.state.metrics
+    return respond(await dispatch(request.app.state, item))
+
+
+async def dispatch(state: Any, item: Inbound) -> Reply:
+    """Hand `item` to the app's dispatcher and count the outcome."""
+    dispatcher: Dispatcher = state.dispatcher
+    metrics: Metrics = state.metrics
     reply = await dispatcher.submit(item)
     if reply.error is not None:
         metrics.refused(reply.error.code)
     else:
         metrics.events.labels("replayed" if reply.replayed else "accepted", "").inc()
-    return respond(reply)
+    return reply
 
 
 def digest(kind: str, data: dict[str, Any]) -> str:
