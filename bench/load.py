@@ -97,41 +97,8 @@ def run(
 
 
 def drive(
-    host: str,
-    port: int,
-    path: str,
-    secret: str,
-    kind: str,
-    members: int,
-    count: int,
-    connections: int,
-    seconds: float,
-    seed: int = 7,
+    host: str, port: int, requests: list[bytes], connections: int, seconds: float
 ) -> dict[str, object]:
-    """Build `count` signed webhook requests (before the clock starts), then send them.
-    `kind` is "join" (each member joins once, in order) or "message" (random members post)."""
-    import json
-    import random
-    import uuid
-    from datetime import UTC, datetime
-
-    from app.events.ingest import signed_headers
-
-    rng = random.Random(seed)  # noqa: S311 - which member posts, not a secret
-    now = datetime.now(UTC)
-    requests = []
-    for i in range(count):
-        member = f"bench-{i % members}" if kind == "join" else f"bench-{rng.randrange(members)}"
-        if kind == "join":
-            event = {"type": "member.joined", "member": {"id": member}, "data": {"group_id": "g1"}}
-        else:
-            event = {
-                "type": "message.posted",
-                "member": {"id": member},
-                "data": {"group_id": "g1", "message_id": uuid.uuid4().hex, "length": 24},
-            }
-        body = json.dumps(event).encode()
-        headers = signed_headers([secret], f"msg_{uuid.uuid4().hex}", now, body)
-        requests.append(build(host, port, path, body, headers))
+    """Send prebuilt `requests` (at most `seconds`) and summarise the answers."""
     result = run(host, port, requests, connections, seconds)
     return {**result.summary(), "statuses": result.statuses}
