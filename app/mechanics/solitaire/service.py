@@ -335,7 +335,7 @@ def announced(handler: Handler) -> Handler:
             row = ctx.conn.execute(
                 select(list_t.c.id).where(list_t.c.public_id == changed["id"])
             ).scalar_one()
-            announce(ctx, row, effects)
+            announce(ctx, row, effects, changed.get("lines"))
         return effects
 
     run.__doc__ = handler.__doc__
@@ -345,12 +345,16 @@ def announced(handler: Handler) -> Handler:
 QUIET = frozenset({"nothing_due", "no_open_list", "not_understood", "refused"})
 
 
-def announce(ctx: Context, list_id: int, effects: Effects) -> None:
+def announce(
+    ctx: Context, list_id: int, effects: Effects, lines: list[dict[str, Any]] | None = None
+) -> None:
     """Ask the bot to post (or edit) the group's list message: the text, `count` live orders
     of `capacity` (the stock, when every item has one) and the state. One `message_key` per
-    list, and a rising `revision`, so the bot edits one message and skips stale updates."""
+    list, and a rising `revision`, so the bot edits one message and skips stale updates.
+    `lines`: the list's lines as the handler just read them (`list_json`), if it did."""
     sl = _get(ctx.conn, list_id)
-    lines = lines_of(ctx.conn, sl.id)
+    if lines is None:
+        lines = lines_of(ctx.conn, sl.id)
     stocks = [i.get("stock") for i in sl.items]
     capacity = sum(stocks) if stocks and all(n is not None for n in stocks) else None
     count = sum(1 for x in lines if x["status"] == LIVE)
