@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FUNNEL_FILES := $(filter-out funnels/funnel.schema.json,$(wildcard funnels/*.json))
 
-.PHONY: install run test lint check schema bench worker clean browser
+.PHONY: install run test lint check schema bench bench-durability worker clean browser
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required" >&2; exit 1; }
@@ -46,10 +46,15 @@ test: $(STAMP) browser
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## make bench: signed-webhook throughput and latency on SQLite and PostgreSQL next to a bare
-## FastAPI baseline, in one run; writes bench/results.md and bench/results.json.
+## make bench: webhooks, group-buy joins and solitaire appends on SQLite and PostgreSQL next
+## to a bare FastAPI baseline, and the funnel report over 1M members, in one run; writes
+## bench/results.md and bench/results.json.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## make bench-durability: kill -9 the server mid-run; every acknowledged event must be stored.
+bench-durability: $(STAMP)
+	$(BIN)/python -m bench.run --durability --targets sqlite,postgres
 
 ## make worker: timers, deliveries and pruning in their own process (serve with FLYWHEEL_WORKERS=off).
 worker: $(STAMP)

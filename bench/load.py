@@ -20,6 +20,8 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    acked: list[int] = field(default_factory=list)  # indexes of the requests answered 2xx
+    dropped: int = 0  # connections the server closed (it was killed)
 
     def summary(self) -> dict[str, float]:
         lat = sorted(self.latencies)
@@ -48,23 +50,29 @@ async def _connection(
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while time.perf_counter() < deadline and cursor[0] < len(requests):
-            request = requests[cursor[0]]
+            index = cursor[0]
+            request = requests[index]
             cursor[0] += 1
             started = time.perf_counter()
             writer.write(request)
             out.sent += 1
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                if length:
+                    await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                out.dropped += 1  # the server went away mid-answer: not acknowledged
+                return
             out.latencies.append(time.perf_counter() - started)
             out.statuses[status] = out.statuses.get(status, 0) + 1
             if 200 <= status < 300:
                 out.ok += 1
+                out.acked.append(index)
             else:
                 out.errors += 1
     finally:
@@ -102,3 +110,11 @@ def drive(
     """Send prebuilt `requests` (at most `seconds`) and summarise the answers."""
     result = run(host, port, requests, connections, seconds)
     return {**result.summary(), "statuses": result.statuses}
+
+
+def drive_until_killed(
+    host: str, port: int, requests: list[bytes], connections: int, seconds: float
+) -> dict[str, object]:
+    """Like `drive`, for a server that will be killed: which requests were acknowledged."""
+    result = run(host, port, requests, connections, seconds)
+    return {**result.summary(), "acked": result.acked, "dropped": result.dropped}

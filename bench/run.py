@@ -19,7 +19,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
@@ -106,14 +108,51 @@ def bench_flywheel(
         tokens = make.tokens(a.members)
         setup_phase(name, "leaders opened teams", load(pool, port, make.opens(tokens), a, 600))
         joins = make.joins(tokens, scenarios.teams(target))
-        out["join"] = load(pool, port, joins, a, 600)
+        out["join"] = load(pool, port, joins, a, a.seconds)
         out["join"]["check"] = scenarios.check_teams(target)
         list_id = scenarios.open_list(target, HOST, port)
-        out["append"] = load(pool, port, make.appends(tokens, list_id), a, 600)
-        out["append"]["check"] = scenarios.check_lines(target, out["append"]["requests"])
+        out["append"] = load(pool, port, make.appends(tokens, list_id), a, a.seconds)
+        answered = out["append"]["statuses"].get(200, 0)
+        out["append"]["check"] = scenarios.check_lines(target, answered)
     finally:
         stop(proc)
     return out
+
+
+def durability(pool: ProcessPoolExecutor, name: str, url: str, a: Any) -> dict[str, Any]:
+    """kill -9 the server in the middle of a webhook run: every event it acknowledged must
+    be in the database afterwards."""
+    from bench import scenarios
+
+    target = scenarios.prepare(url)
+    env = {"FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_RATE_LIMIT_PER_SECOND": "0"}
+    proc, port = start("app.main:create_app", {**env, "FLYWHEEL_LOG_LEVEL": "ERROR"}, True)
+    try:
+        make = scenarios.Requests(HOST, port, target)
+        setup_phase(name, "members joined", load(pool, port, make.joined(a.members), a, 600))
+        make.ids.clear()
+        requests = make.messages(a.members, 60_000)
+        running = pool.submit(_until_killed, port, requests, a.connections, 60.0)
+        time.sleep(a.kill_after)
+        proc.kill()  # SIGKILL: no shutdown hooks, no final commit
+        proc.wait()
+        sent = running.result()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    acked = [make.ids[i] for i in sent["acked"]]
+    found = scenarios.stored_keys(target, acked)
+    result = {"acknowledged": len(acked), "stored": found, "lost": len(acked) - found}
+    print(f"durability, {name}: {result}", file=sys.stderr)
+    if found != len(acked):
+        raise SystemExit(f"{name}: {len(acked) - found} acknowledged events lost after kill -9")
+    return result
+
+
+def _until_killed(*args: Any) -> dict[str, Any]:
+    from bench.load import drive_until_killed
+
+    return drive_until_killed(HOST, *args)
 
 
 def main() -> int:
@@ -123,7 +162,15 @@ def main() -> int:
     p.add_argument("--members", type=int, default=6000, help="members (a fifth lead teams)")
     p.add_argument("--targets", default="baseline,sqlite,postgres,words,report")
     p.add_argument("--report-members", type=int, default=1_000_000)
+    p.add_argument(
+        "--durability",
+        action="store_true",
+        help="instead: kill -9 the server mid-run and check every acknowledged event is stored",
+    )
+    p.add_argument("--kill-after", type=float, default=3.0, help="seconds into the run")
     a = p.parse_args()
+    if a.durability:
+        return run_durability(a)
     targets = a.targets.split(",")
     results: dict[str, dict[str, Any]] = {}
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
@@ -158,7 +205,22 @@ def main() -> int:
     return 0
 
 
-def bench_postgres(pool: ProcessPoolExecutor, a: Any) -> dict[str, Any]:
+def run_durability(a: Any) -> int:
+    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+    targets = a.targets.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        if "sqlite" in targets:
+            durability(pool, "sqlite", f"sqlite:///{tmp}/durability.db", a)
+        if "postgres" in targets:
+            with postgres_database() as url:
+                durability(pool, "postgres", url, a)
+    pool.shutdown()
+    return 0
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the bench's PostgreSQL server, dropped afterwards."""
     import psycopg
     from sqlalchemy.engine import make_url
 
@@ -168,11 +230,15 @@ def bench_postgres(pool: ProcessPoolExecutor, a: Any) -> dict[str, Any]:
     with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as c:
         c.execute(f'CREATE DATABASE "{name}"')
     try:
-        url = server.set(database=name).render_as_string(hide_password=False)
-        return bench_flywheel(pool, "postgres", url, a)
+        yield server.set(database=name).render_as_string(hide_password=False)
     finally:
         with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def bench_postgres(pool: ProcessPoolExecutor, a: Any) -> dict[str, Any]:
+    with postgres_database() as url:
+        return bench_flywheel(pool, "postgres", url, a)
 
 
 def report(

@@ -92,12 +92,14 @@ class Requests:
     def __init__(self, host: str, port: int, target: Target) -> None:
         self.host, self.port, self.t = host, port, target
         self.now = datetime.now(UTC)
+        self.ids: list[str] = []  # webhook-id of each webhook built, in order
 
     def _webhook(self, event: dict[str, Any]) -> bytes:
         from app.events.ingest import signed_headers
 
         body = orjson.dumps(event)
-        headers = signed_headers([self.t.secret], f"msg_{uuid.uuid4().hex}", self.now, body)
+        self.ids.append(f"msg_{uuid.uuid4().hex}")
+        headers = signed_headers([self.t.secret], self.ids[-1], self.now, body)
         return build(self.host, self.port, self.t.path, body, headers)
 
     def _post(self, path: str, body: dict[str, Any], auth: str) -> bytes:
@@ -235,3 +237,19 @@ def check_lines(target: Target, expected: int) -> dict[str, int]:
     if n != expected:
         raise SystemExit(f"{expected} appends were answered 200 but {n} lines are stored")
     return {"lines": n}
+
+
+def stored_keys(target: Target, keys: list[str]) -> int:
+    """How many of these webhook-ids the event log holds."""
+    from app.db import make_engine
+    from app.events.models import EventLog
+
+    engine = make_engine(target.url)
+    found = 0
+    with engine.connect() as conn:
+        for i in range(0, len(keys), 500):
+            found += conn.execute(
+                select(func.count()).where(EventLog.dedupe_key.in_(keys[i : i + 500]))  # type: ignore[union-attr]
+            ).scalar_one()
+    engine.dispose()
+    return found
