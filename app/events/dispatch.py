@@ -210,26 +210,23 @@ _MEMBER_BY_ID = (
     .where(member_t.c.id == bindparam("b_id"), member_t.c.tenant_id == bindparam("b_tenant"))
     .with_for_update()
 )
+
+
 # The batch's members, locked in one order (id), so two writers never wait on each other
 # in a cycle over the same members.
-_MEMBERS_BY_EXTERNAL = (
-    select(member_t)
-    .where(
-        member_t.c.tenant_id == bindparam("b_tenant"),
-        member_t.c.external_id.in_(bindparam("b_ext", expanding=True)),
+def _locked_members(which: Any) -> Any:
+    return (
+        select(member_t)
+        .where(member_t.c.tenant_id == bindparam("b_tenant"), which)
+        .order_by(member_t.c.id)
+        .with_for_update()
     )
-    .order_by(member_t.c.id)
-    .with_for_update()
+
+
+_MEMBERS_BY_EXTERNAL = _locked_members(
+    member_t.c.external_id.in_(bindparam("b_ext", expanding=True))
 )
-_MEMBERS_BY_ID = (
-    select(member_t)
-    .where(
-        member_t.c.tenant_id == bindparam("b_tenant"),
-        member_t.c.id.in_(bindparam("b_ids", expanding=True)),
-    )
-    .order_by(member_t.c.id)
-    .with_for_update()
-)
+_MEMBERS_BY_ID = _locked_members(member_t.c.id.in_(bindparam("b_ids", expanding=True)))
 _NEW_MEMBER = insert_or_skip(member_t, ["tenant_id", "external_id"])
 _DROP_TIMER = delete(timer_t).where(timer_t.c.id == bindparam("b_id"))
 
