@@ -111,9 +111,9 @@ def bench_flywheel(
         out["join"] = load(pool, port, joins, a, a.seconds)
         out["join"]["check"] = scenarios.check_teams(target)
         list_id = scenarios.open_list(target, HOST, port)
-        out["append"] = load(pool, port, make.appends(tokens, list_id), a, a.seconds)
-        answered = out["append"]["statuses"].get(200, 0)
-        out["append"]["check"] = scenarios.check_lines(target, answered)
+        out["solitaire"] = load(pool, port, make.appends(tokens, list_id), a, a.seconds)
+        answered = out["solitaire"]["statuses"].get(200, 0)
+        out["solitaire"]["check"] = scenarios.check_lines(target, answered)
     finally:
         stop(proc)
     return out
@@ -256,7 +256,7 @@ def report(
     labels = {
         "webhook": ("signed `message.posted` webhook", 0.50),
         "join": ("mini-program group-buy join (hot teams)", 0.35),
-        "append": ("mini-program solitaire append (one list)", 0.35),
+        "solitaire": ("mini-program solitaire append (one list)", 0.35),
     }
     databases = {"baseline": "", "sqlite": ", SQLite", "postgres": ", PostgreSQL"}
     for db, by_kind in results.items():
