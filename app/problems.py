@@ -66,9 +66,7 @@ Parts = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]  # status, media typ
 def problem_of(exc: DomainError, instance: str) -> Parts:
     """A domain error as raw ASGI parts (status, media type, body, headers), for the
     fast paths that answer without FastAPI; the same document `install` renders."""
-    headers = dict(exc.headers)
-    if exc.status == 401:
-        headers.setdefault("WWW-Authenticate", "Bearer")
+    headers = _headers_of(exc)
     body = problem_body(exc.status, exc.code, exc.title, exc.detail, instance, exc.errors)
     return (
         exc.status,
@@ -78,9 +76,14 @@ def problem_of(exc: DomainError, instance: str) -> Parts:
     )
 
 
-def database_unavailable(
-    exc: OperationalError, instance: str
-) -> tuple[int, bytes, bytes, list[Any]]:
+def _headers_of(exc: DomainError) -> dict[str, str]:
+    headers = dict(exc.headers)
+    if exc.status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return headers
+
+
+def database_unavailable(exc: OperationalError, instance: str) -> Parts:
     log.warning("database unavailable on %s: %s", instance, exc.orig)
     body = problem_body(503, "database_unavailable", "Database unavailable", _DB_DOWN, instance)
     return 503, MEDIA_TYPE.encode(), orjson.dumps(body), [(b"retry-after", b"2")]
@@ -110,11 +113,8 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError) -> JSONResponse:
-        headers = dict(exc.headers)
-        if exc.status == 401:
-            headers.setdefault("WWW-Authenticate", "Bearer")
         return problem_response(
-            request, exc.status, exc.code, exc.title, exc.detail, exc.errors, headers
+            request, exc.status, exc.code, exc.title, exc.detail, exc.errors, _headers_of(exc)
         )
 
     @app.exception_handler(RequestValidationError)

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import observability as log_context
 from app.api.deps import MemberClaimsDep
-from app.api.submit import dispatch, respond
+from app.api.submit import dispatch, respond, submit
 from app.errors import DomainError, FieldProblem, NotFound
 from app.events.dispatch import Inbound, Reply
 from app.events.ingest import InvalidEvent, loads, parse_event, verify_signature
@@ -220,7 +220,7 @@ async def member_event(
         occurred_at=event.occurred_at,
         member_id=member.member_id,
     )
-    return respond(await dispatch(state, item))
+    return await submit(request, item)
 
 
 def _loads_object(body: bytes) -> dict[str, Any]:
