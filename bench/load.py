@@ -107,14 +107,12 @@ def run(
 def drive(
     host: str, port: int, requests: list[bytes], connections: int, seconds: float
 ) -> dict[str, object]:
-    """Send prebuilt `requests` (at most `seconds`) and summarise the answers."""
+    """Send prebuilt `requests` (at most `seconds`) and summarise the answers, with which
+    requests were acknowledged (for a server that is killed mid-run)."""
     result = run(host, port, requests, connections, seconds)
-    return {**result.summary(), "statuses": result.statuses}
-
-
-def drive_until_killed(
-    host: str, port: int, requests: list[bytes], connections: int, seconds: float
-) -> dict[str, object]:
-    """Like `drive`, for a server that will be killed: which requests were acknowledged."""
-    result = run(host, port, requests, connections, seconds)
-    return {**result.summary(), "acked": result.acked, "dropped": result.dropped}
+    return {
+        **result.summary(),
+        "statuses": result.statuses,
+        "acked": result.acked,
+        "dropped": result.dropped,
+    }

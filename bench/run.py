@@ -132,7 +132,7 @@ def durability(pool: ProcessPoolExecutor, name: str, url: str, a: Any) -> dict[s
         setup_phase(name, "members joined", load(pool, port, make.joined(a.members), a, 600))
         make.ids.clear()
         requests = make.messages(a.members, 60_000)
-        running = pool.submit(_until_killed, port, requests, a.connections, 60.0)
+        running = pool.submit(_drive, port, requests, a.connections, 60.0)
         time.sleep(a.kill_after)
         proc.kill()  # SIGKILL: no shutdown hooks, no final commit
         proc.wait()
@@ -147,12 +147,6 @@ def durability(pool: ProcessPoolExecutor, name: str, url: str, a: Any) -> dict[s
     if found != len(acked):
         raise SystemExit(f"{name}: {len(acked) - found} acknowledged events lost after kill -9")
     return result
-
-
-def _until_killed(*args: Any) -> dict[str, Any]:
-    from bench.load import drive_until_killed
-
-    return drive_until_killed(HOST, *args)
 
 
 def main() -> int:
