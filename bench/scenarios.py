@@ -19,13 +19,15 @@ import copy
 import json
 import random
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 from bench.load import build
 
@@ -65,6 +67,19 @@ class Target:
     path: str  # the webhook source's URL path
     secret: str
     admin_key: str
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection to the target's database, with its own engine (the bench process
+        holds none between phases)."""
+        from app.db import make_engine
+
+        engine = make_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                yield conn
+        finally:
+            engine.dispose()
 
 
 def prepare(url: str) -> Target:
@@ -133,12 +148,10 @@ class Requests:
 
     def tokens(self, members: int) -> list[str]:
         """Member tokens for bench-0 … bench-(n-1), in that order."""
-        from app.db import make_engine
         from app.members.models import Member
         from app.security import issue_member_token
 
-        engine = make_engine(self.t.url)
-        with engine.connect() as conn:
+        with self.t.connect() as conn:
             ids = dict(
                 conn.execute(
                     select(Member.external_id, Member.id).where(  # type: ignore[call-overload]
@@ -146,7 +159,6 @@ class Requests:
                     )
                 ).all()
             )
-        engine.dispose()
         return [
             issue_member_token(SECRET_KEY, self.t.tenant_id, ids[f"bench-{i}"], self.now, 7200)[0]
             for i in range(members)
@@ -175,30 +187,24 @@ class Requests:
 
 def teams(target: Target) -> dict[int, str]:
     """Leader index (bench-<i>) -> team share id, from the database."""
-    from app.db import make_engine
     from app.mechanics.groupbuy.models import Team
     from app.members.models import Member
 
-    engine = make_engine(target.url)
-    with engine.connect() as conn:
+    with target.connect() as conn:
         rows = conn.execute(
             select(Member.external_id, Team.public_id).join(  # type: ignore[call-overload]
                 Member, Member.id == Team.leader_member_id
             )
         ).all()
-    engine.dispose()
     return {int(ext.removeprefix("bench-")): public_id for ext, public_id in rows}
 
 
 def check_teams(target: Target) -> dict[str, int]:
     """Every team the joins filled holds exactly TEAM_SIZE seats and succeeded."""
-    from app.db import make_engine
     from app.mechanics.groupbuy.models import Team
 
-    engine = make_engine(target.url)
-    with engine.connect() as conn:
+    with target.connect() as conn:
         rows = conn.execute(select(Team.status, Team.seats_taken, Team.capacity)).all()  # type: ignore[call-overload]
-    engine.dispose()
     over = [r for r in rows if r.seats_taken > r.capacity]
     if over:
         raise SystemExit(f"{len(over)} teams hold more seats than their size: {over[:3]}")
@@ -224,14 +230,11 @@ def open_list(target: Target, host: str, port: int) -> str:
 
 def check_lines(target: Target, expected: int) -> dict[str, int]:
     """Lines numbered 1…n, no gaps, no repeats; the stock taken equals the lines."""
-    from app.db import make_engine
     from app.mechanics.solitaire.models import SolitaireLine
 
-    engine = make_engine(target.url)
-    with engine.connect() as conn:
+    with target.connect() as conn:
         seqs = sorted(conn.execute(select(SolitaireLine.seq)).scalars())  # type: ignore[call-overload]
         n = conn.execute(select(func.count()).select_from(SolitaireLine)).scalar_one()  # type: ignore[arg-type]
-    engine.dispose()
     if seqs != list(range(1, len(seqs) + 1)):
         raise SystemExit("solitaire line numbers have gaps or repeats")
     if n != expected:
@@ -241,15 +244,12 @@ def check_lines(target: Target, expected: int) -> dict[str, int]:
 
 def stored_keys(target: Target, keys: list[str]) -> int:
     """How many of these webhook-ids the event log holds."""
-    from app.db import make_engine
     from app.events.models import EventLog
 
-    engine = make_engine(target.url)
     found = 0
-    with engine.connect() as conn:
+    with target.connect() as conn:
         for i in range(0, len(keys), 500):
             found += conn.execute(
                 select(func.count()).where(EventLog.dedupe_key.in_(keys[i : i + 500]))  # type: ignore[union-attr]
             ).scalar_one()
-    engine.dispose()
     return found
