@@ -354,7 +354,7 @@ def _step_funnels(
     outcomes, n_actions, emits = _step_member(
         conn, item.tenant_id, m, item.type, item.data, event_id, now, cache
     )
-    more, n_more = _emit_all(conn, item.tenant_id, emits, m.id, now, cache)
+    more, n_more = _emit_all(conn, item.tenant_id, emits, m.id, now, cache, m)
     return _body(event_id, item, m, outcomes + more), n_actions + n_more
 
 
@@ -446,13 +446,15 @@ def _emit_all(
     actor_id: int | None,
     now: datetime,
     cache: BatchCache,
+    actor: Any | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Log each emitted event and step its member's funnels with it; what those steps emit
     in turn (a voucher issued) follows, at most MAX_CASCADE deep. Returns the actor's
-    funnel outcomes and the number of actions queued."""
+    funnel outcomes and the number of actions queued. `actor`, the actor's row as this
+    event last wrote it (locked already), is not read again."""
     queue = deque((e, 1) for e in emits)
-    locked: dict[int, Any] = {}
-    for member_id in sorted({e.member_id for e in emits}):  # one lock order: fewer deadlocks
+    locked: dict[int, Any] = {actor.id: actor} if actor is not None else {}
+    for member_id in sorted({e.member_id for e in emits} - locked.keys()):  # one lock order
         locked[member_id] = _lock_member(conn, tenant_id, member_id, cache)
     outcomes: list[dict[str, Any]] = []
     n_actions = 0
@@ -513,6 +515,9 @@ def _run_command(
             actor.append(_resolve_member(conn, item, now, cache))
         return actor[0]
 
+    def member_changed(row: Any) -> None:
+        actor[:] = [row]
+
     ctx = Context(
         conn=conn,
         tenant_id=item.tenant_id,
@@ -521,14 +526,15 @@ def _run_command(
         source=item.source,
         data=item.data,
         member=member,
+        member_changed=member_changed,
         versions=lambda: cache.open_versions(conn, item.tenant_id),
     )
     effects = handler(ctx)
+    m = actor[0] if actor and actor[0].id == effects.member_id else None
     outcomes, n_actions = _emit_all(
-        conn, item.tenant_id, effects.emits, effects.member_id, now, cache
+        conn, item.tenant_id, effects.emits, effects.member_id, now, cache, m
     )
     n_actions += _direct_actions(conn, item, effects, event_id, now)
-    m = actor[0] if actor else None
     if m is None and effects.member_id is not None:
         m = conn.execute(select(member_t).where(member_t.c.id == effects.member_id)).one()
     body = _body(event_id, item, m, outcomes)
@@ -762,7 +768,7 @@ def _fire_timer(
             conn, item.tenant_id, item.type, m, inst.ref, inst, outcome, state, event_id, now
         )
         outcomes.append(result)
-        more, n_more = _emit_all(conn, item.tenant_id, emits, m.id, now, cache)
+        more, n_more = _emit_all(conn, item.tenant_id, emits, m.id, now, cache, m)
         outcomes.extend(more)
         n_actions += n_more
     return _body(event_id, item, m, outcomes), n_actions

@@ -57,6 +57,9 @@ class Context:
     # Find (or, for an integration's member reference, create) the command's member and
     # lock its row; called after the handler has locked its team.
     member: Callable[[], Any]
+    # A handler that changed the member's row hands the new row back here, so the events it
+    # emits see it without reading the row again.
+    member_changed: Callable[[Any], None]
     versions: Callable[[], list[store.VersionRef]]
 
 

@@ -22,7 +22,7 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, func, select, update
+from sqlalchemy import Connection, Table, select, update
 
 from app.db import insert_or_skip
 from app.engine.definition import GroupBuy
@@ -76,21 +76,25 @@ def _reload(conn: Connection, team_id: int) -> Any:
     return conn.execute(select(team_t).where(team_t.c.id == team_id)).one()
 
 
+def _campaign_seats(ctx: Context, member_id: int, campaign_key: str) -> list[Any]:
+    """Every seat the member ever held in the campaign, with its team's share id and status:
+    one read answers "already in this team?", "in another open team?" and the limits."""
+    return list(
+        ctx.conn.execute(
+            select(seat_t, team_t.c.public_id, team_t.c.status.label("team_status"))
+            .join(team_t, team_t.c.id == seat_t.c.team_id)
+            .where(
+                seat_t.c.tenant_id == ctx.tenant_id,
+                seat_t.c.member_id == member_id,
+                seat_t.c.campaign_key == campaign_key,
+            )
+        ).all()
+    )
+
+
 def _seat_of(conn: Connection, team_id: int, member_id: int) -> Any:
     return conn.execute(
         select(seat_t).where(seat_t.c.team_id == team_id, seat_t.c.member_id == member_id)
-    ).first()
-
-
-def _live_seat(conn: Connection, tenant_id: int, member_id: int, campaign_key: str) -> Any:
-    return conn.execute(
-        select(seat_t.c.id, team_t.c.public_id)
-        .join(team_t, team_t.c.id == seat_t.c.team_id)
-        .where(
-            seat_t.c.tenant_id == tenant_id,
-            seat_t.c.member_id == member_id,
-            seat_t.c.live_key == campaign_key,
-        )
     ).first()
 
 
@@ -106,8 +110,11 @@ def _member(ctx: Context) -> Any:
         changes["attributes"] = {**(m.attributes or {}), "avatar": profile["avatar"]}
     if not changes:
         return m
-    ctx.conn.execute(update(member_t).where(member_t.c.id == m.id).values(**changes))
-    return ctx.conn.execute(select(member_t).where(member_t.c.id == m.id)).one()
+    changed = ctx.conn.execute(
+        update(member_t).where(member_t.c.id == m.id).values(**changes).returning(*member_t.c)
+    ).one()
+    ctx.member_changed(changed)
+    return changed
 
 
 def _campaign_key(funnel_id: int, name: str) -> str:
@@ -186,10 +193,10 @@ def _closing_counters(ctx: Context, team: Any, cfg: GroupBuy, *, succeeded: bool
 
 
 def _check_member_limits(
-    ctx: Context, member_id: int, funnel_id: int, name: str, cfg: GroupBuy, role: str
+    ctx: Context, member_id: int, seats: list[Any], cfg: GroupBuy, role: str
 ) -> None:
-    key = _campaign_key(funnel_id, name)
-    live = _live_seat(ctx.conn, ctx.tenant_id, member_id, key)
+    """`seats`: the member's seats in the campaign (`_campaign_seats`)."""
+    live = next((s for s in seats if s.live_key is not None), None)
     if live is not None:
         raise Refused(
             rules.IN_ANOTHER_TEAM,
@@ -197,18 +204,11 @@ def _check_member_limits(
         )
     limit = cfg.max_teams_led_per_member if role == LEADER else cfg.max_teams_joined_per_member
     if limit is not None:
-        n = ctx.conn.execute(
-            select(func.count())
-            .select_from(seat_t.join(team_t, team_t.c.id == seat_t.c.team_id))
-            .where(
-                seat_t.c.tenant_id == ctx.tenant_id,
-                seat_t.c.member_id == member_id,
-                seat_t.c.campaign_key == key,
-                seat_t.c.role == role,
-                seat_t.c.status.in_([HELD, ACTIVE]),
-                team_t.c.status.in_([OPEN, SUCCEEDED]),
-            )
-        ).scalar_one()
+        n = sum(
+            1
+            for s in seats
+            if s.role == role and s.status in (HELD, ACTIVE) and s.team_status in (OPEN, SUCCEEDED)
+        )
         if n >= limit:
             what = "led" if role == LEADER else "joined"
             raise Refused(
@@ -247,11 +247,12 @@ def _open(
     refusal = rules.window_refusal(cfg, ctx.now)
     if refusal is not None:
         raise Refused(refusal, _window_detail(refusal, cfg))
-    _check_member_limits(ctx, m.id, ref.funnel_id, name, cfg, LEADER)
+    seats = _campaign_seats(ctx, m.id, _campaign_key(ref.funnel_id, name))
+    _check_member_limits(ctx, m.id, seats, cfg, LEADER)
     _take(ctx, None, ref.funnel_id, name, cfg, teams=1, seats=1)
     deadline = rules.team_deadline(cfg, ctx.now)
     pay = cfg.join_mode == "pay"
-    team_id = ctx.conn.execute(
+    team = ctx.conn.execute(
         team_t.insert()
         .values(
             public_id="tm_" + secrets.token_urlsafe(12),
@@ -268,13 +269,13 @@ def _open(
             opened_at=ctx.now,
             deadline=deadline,
         )
-        .returning(team_t.c.id)
-    ).scalar_one()
+        .returning(*team_t.c)
+    ).one()
     seat_status = HELD if pay and paid is None else ACTIVE
     ctx.conn.execute(
         seat_t.insert().values(
             tenant_id=ctx.tenant_id,
-            team_id=team_id,
+            team_id=team.id,
             member_id=m.id,
             campaign_key=_campaign_key(ref.funnel_id, name),
             live_key=_campaign_key(ref.funnel_id, name),
@@ -287,7 +288,6 @@ def _open(
             paid_fen=paid.get("amount_fen") if paid else None,
         )
     )
-    team = _reload(ctx.conn, team_id)
     data = _event_data(team, cfg, LEADER)
     effects = Effects(m.id, {"outcome": "opened", "team": team_json(ctx.conn, team, ctx.now)})
     effects.emits.append(Emit(m.id, "groupbuy.team_opened", data))
@@ -301,7 +301,8 @@ def join(ctx: Context) -> Effects:
     team = _lock_team(ctx, ctx.data["team"])
     m = _member(ctx)
     _, cfg = team_config(ctx.conn, team)
-    seat = _seat_of(ctx.conn, team.id, m.id)
+    seats = _campaign_seats(ctx, m.id, _campaign_key(team.funnel_id, team.campaign))
+    seat = next((s for s in seats if s.team_id == team.id), None)
     _refuse_closed(team, ctx.now)
     if seat is not None and seat.status in (HELD, ACTIVE):
         raise Refused(
@@ -309,9 +310,9 @@ def join(ctx: Context) -> Effects:
             f"you are already in team {team.public_id}"
             + (" (your seat waits for its payment)" if seat.status == HELD else ""),
         )
-    _check_member_limits(ctx, m.id, team.funnel_id, team.campaign, cfg, MEMBER)
+    _check_member_limits(ctx, m.id, seats, cfg, MEMBER)
     pay = cfg.join_mode == "pay"
-    _take_seat(ctx, team, cfg)
+    team = _take_seat(ctx, team, cfg)
     values = {
         "status": HELD if pay else ACTIVE,
         "live_key": _campaign_key(team.funnel_id, team.campaign),
@@ -325,8 +326,8 @@ def join(ctx: Context) -> Effects:
     effects = Effects(m.id, {"outcome": "held" if pay else "joined"})
     if not pay:
         effects.emits.append(Emit(m.id, "groupbuy.joined", _event_data(team, cfg, MEMBER)))
-        _settle_if_full(ctx, team.id, cfg, effects)
-    effects.result["team"] = team_json(ctx.conn, _reload(ctx.conn, team.id), ctx.now)
+        team = _settle_if_full(ctx, team, cfg, effects)
+    effects.result["team"] = team_json(ctx.conn, team, ctx.now)
     return effects
 
 
@@ -339,15 +340,18 @@ def _refuse_closed(team: Any, now: datetime) -> None:
         )
 
 
-def _take_seat(ctx: Context, team: Any, cfg: GroupBuy) -> None:
-    took = ctx.conn.execute(
+def _take_seat(ctx: Context, team: Any, cfg: GroupBuy) -> Any:
+    """Take a seat if one is left; the team as it is now."""
+    taken = ctx.conn.execute(
         update(team_t)
         .where(team_t.c.id == team.id, team_t.c.seats_taken < team_t.c.capacity)
         .values(seats_taken=team_t.c.seats_taken + 1)
-    ).rowcount
-    if not took:
+        .returning(*team_t.c)
+    ).first()
+    if taken is None:
         raise Refused(rules.TEAM_FULL, f"team {team.public_id} is full")
     _take(ctx, team, team.funnel_id, team.campaign, cfg, seats=1)
+    return taken
 
 
 def _put_seat(ctx: Context, team: Any, member_id: int, seat: Any, values: dict[str, Any]) -> int:
@@ -374,11 +378,13 @@ def _confirmed(team: Any, cfg: GroupBuy) -> int:
     return int(team.seats_paid if cfg.join_mode == "pay" else team.seats_taken)
 
 
-def _settle_if_full(ctx: Context, team_id: int, cfg: GroupBuy, effects: Effects) -> None:
-    team = _reload(ctx.conn, team_id)
+def _settle_if_full(ctx: Context, team: Any, cfg: GroupBuy, effects: Effects) -> Any:
+    """Close `team` (its current row) as succeeded once enough seats are confirmed; the
+    team as it is afterwards."""
     settlement = rules.settle_when_full(cfg, _confirmed(team, cfg))
-    if settlement is not None:
-        _succeed(ctx, team, cfg, settlement, effects)
+    if settlement is None:
+        return team
+    return _succeed(ctx, team, cfg, settlement, effects)
 
 
 def leave(ctx: Context) -> Effects:
@@ -591,7 +597,8 @@ def _free_seat(ctx: Context, team: Any, member_id: int, cfg: GroupBuy) -> bool:
     """Can a payer without a held seat take one now (after their hold was released)?"""
     if team.seats_taken >= team.capacity:
         return False
-    if _live_seat(ctx.conn, ctx.tenant_id, member_id, _campaign_key(team.funnel_id, team.campaign)):
+    seats = _campaign_seats(ctx, member_id, _campaign_key(team.funnel_id, team.campaign))
+    if any(s.live_key is not None for s in seats):
         return False
     _take_seat(ctx, team, cfg)
     return True
@@ -638,13 +645,16 @@ def _confirm(
             paid_fen=paid["amount_fen"],
         )
     )
-    ctx.conn.execute(
-        update(team_t).where(team_t.c.id == team.id).values(seats_paid=team_t.c.seats_paid + 1)
-    )
+    team = ctx.conn.execute(
+        update(team_t)
+        .where(team_t.c.id == team.id)
+        .values(seats_paid=team_t.c.seats_paid + 1)
+        .returning(*team_t.c)
+    ).one()
     member_id = effects.member_id
     assert member_id is not None
     effects.emits.append(Emit(member_id, "groupbuy.joined", _event_data(team, cfg, role)))
-    _settle_if_full(ctx, team.id, cfg, effects)
+    _settle_if_full(ctx, team, cfg, effects)
 
 
 def _seats(conn: Connection, team_id: int, statuses: tuple[str, ...]) -> list[Any]:
@@ -659,8 +669,9 @@ def _seats(conn: Connection, team_id: int, statuses: tuple[str, ...]) -> list[An
 
 def _succeed(
     ctx: Context, team: Any, cfg: GroupBuy, settlement: rules.Settlement, effects: Effects
-) -> None:
-    ctx.conn.execute(
+) -> Any:
+    """Close the team as succeeded; the closed team."""
+    team = ctx.conn.execute(
         update(team_t)
         .where(team_t.c.id == team.id)
         .values(
@@ -670,10 +681,10 @@ def _succeed(
             price_fen=settlement.price_fen,
             virtual_seats=settlement.virtual_seats,
         )
-    )
+        .returning(*team_t.c)
+    ).one()
     ctx.conn.execute(update(seat_t).where(seat_t.c.team_id == team.id).values(live_key=None))
     _closing_counters(ctx, team, cfg, succeeded=True)
-    team = _reload(ctx.conn, team.id)
     source = f"groupbuy.{team.campaign}"
     for seat in _seats(ctx.conn, team.id, (ACTIVE,)):
         data = _event_data(team, cfg, seat.role)
@@ -718,6 +729,7 @@ def _succeed(
                 effects.actions.append(
                     _refund(team, seat.member_id, seat.order_id, due, "tier_price", partial=True)
                 )
+    return team
 
 
 def _close(
