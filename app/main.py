@@ -150,5 +150,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components.update(definition.pop("$defs", {}))
     components["FunnelDefinition"] = definition
     components.update(openapi_components())
+    problems.document(schema)
     app.openapi_schema = schema
     return schema

@@ -91,6 +91,12 @@ class Metrics:
             def collect(self) -> Iterable[Metric]:
                 return collect()
 
+            def describe(self) -> Iterable[Metric]:
+                # Without it the registry collects once to learn the names, which reads the
+                # database while the app is built: a server that starts before its database
+                # is reachable (or migrated) would fail to start.
+                return []
+
         self.registry.register(_Collector())
 
 

@@ -110,6 +110,42 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": Problem, "content": {MEDIA_TYPE: {}}} for s in statuses}
 
 
+# Answers any operation may give besides its own: a body that is not JSON or too large, and
+# the database being unreachable.
+_BODY_PROBLEMS = {
+    "400": "The body is not valid JSON",
+    "413": "The body is too large",
+    "415": "The body is not sent as JSON",
+}
+_ANY_PROBLEMS = {"503": "The database is unavailable; retry later"}
+
+
+def document(schema: dict[str, Any]) -> None:
+    """Every error response in the OpenAPI as what it is on the wire: an RFC 9457 problem
+    document (`application/problem+json`), including FastAPI's own 422, plus the problems
+    any operation can answer with."""
+    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    for path, item in schema.get("paths", {}).items():
+        for operation in item.values():
+            answers = operation.setdefault("responses", {})
+            extra = {**_ANY_PROBLEMS, **(_BODY_PROBLEMS if "requestBody" in operation else {})}
+            if path.startswith("/v1/webhooks/"):  # read raw, whatever the content type
+                extra.pop("415", None)
+            if any(p["name"].lower() == "idempotency-key" for p in operation.get("parameters", [])):
+                extra["409"] = "The Idempotency-Key was used before with other parameters"
+            for code, description in extra.items():
+                answers.setdefault(code, {"description": description})
+            for code, answer in answers.items():
+                if code[0] in "45":
+                    answer["content"] = {MEDIA_TYPE: ref}
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    components.setdefault(
+        "Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError) -> JSONResponse:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from sqlalchemy import Engine
 from sqlmodel import Session
 
@@ -18,6 +18,11 @@ from app.members.models import Member
 from app.security import MemberClaims, read_member_token
 from app.tenancy.models import Tenant
 from app.tenancy.service import KEY_PREFIX, authenticate
+
+# Row ids and numbers in paths are 64-bit in both databases: a larger number is a 422 with
+# its path, not an overflow in the driver.
+MAX_ID = 2**63 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 def get_settings_dep(request: Request) -> Settings:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Header, Request, Response
 from pydantic import AwareDatetime, BaseModel, Field
 from sqlalchemy import Connection, select
 
-from app.api.deps import MemberClaimsDep, TenantIdDep
+from app.api.deps import MemberClaimsDep, RowId, TenantIdDep
 from app.api.submit import command, member_command, read_only, submit
 from app.errors import NotFound
 from app.mechanics.solitaire import rules
@@ -240,7 +240,7 @@ async def append_line(
 @member.patch("/{list_id}/lines/{line}", responses=responses(401, 404, 409, 422, 429))
 async def change_line(
     list_id: str,
-    line: int,
+    line: RowId,
     body: LineChange,
     request: Request,
     claims: MemberClaimsDep,
@@ -258,7 +258,7 @@ async def change_line(
 @member.post("/{list_id}/lines/{line}/withdraw", responses=responses(401, 404, 409, 429))
 async def withdraw_line(
     list_id: str,
-    line: int,
+    line: RowId,
     request: Request,
     claims: MemberClaimsDep,
     idempotency_key: IdempotencyKey = None,

@@ -36,6 +36,7 @@ from app.mechanics.groupbuy.models import Team
 from app.mechanics.solitaire.models import SolitaireList
 from app.outbox.models import Outbox
 from app.outbox.service import delivery_id
+from app.problems import responses
 from app.security import CONSOLE_LINK, CONSOLE_SESSION, issue_console_token, read_console_token
 from app.tenancy.service import authenticate
 
@@ -155,7 +156,7 @@ class ConsoleLink(BaseModel):
     expires_in: int
 
 
-@links.post("/links")
+@links.post("/links", responses=responses(401))
 async def console_link(request: Request, tenant_id: TenantIdDep) -> ConsoleLink:
     """A sign-in link into the console for this tenant, valid for five minutes."""
     token = issue_console_token(

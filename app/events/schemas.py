@@ -18,6 +18,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from app.engine.catalogue import BUILTIN_EVENTS
 
+# A payment's upper bound: ten billion yuan, far past any order and inside every integer the
+# JSON encoder and both databases hold.
+MAX_FEN = 10**12
+
 Id = Field(min_length=1, max_length=128)
 
 
@@ -65,7 +69,7 @@ class MessagePostedData(_Data):
     group_id: str = Id
     message_id: str = Id
     kind: Literal["text", "image", "video", "voice", "link", "mini_program", "other"] = "text"
-    length: int = Field(default=0, ge=0, description="characters in a text message")
+    length: int = Field(default=0, ge=0, le=1_000_000, description="characters in a text message")
     text: str | None = Field(default=None, max_length=10_000, description="never logged")
     mentions: list[str] = Field(default_factory=list, max_length=100)
     url: str | None = Field(default=None, max_length=2000, description="a link message's URL")
@@ -73,7 +77,9 @@ class MessagePostedData(_Data):
 
 
 class CheckedInData(_Data):
-    streak: int | None = Field(default=None, ge=0, description="consecutive days, if known")
+    streak: int | None = Field(
+        default=None, ge=0, le=100_000, description="consecutive days, if known"
+    )
     location: str | None = Field(default=None, max_length=128)
 
 
@@ -82,7 +88,7 @@ class ReviewPostedData(_Data):
     order_id: str | None = Field(default=None, max_length=128, description="the order reviewed")
     rating: int = Field(ge=1, le=5)
     photos: int = Field(default=0, ge=0, le=50)
-    length: int = Field(default=0, ge=0)
+    length: int = Field(default=0, ge=0, le=1_000_000)
 
 
 class OrderItem(BaseModel):
@@ -93,7 +99,7 @@ class OrderItem(BaseModel):
 
 class OrderPlacedData(_Data):
     order_id: str = Id
-    amount_fen: int = Field(ge=0, description="money in integer fen (1/100 yuan)")
+    amount_fen: int = Field(ge=0, le=MAX_FEN, description="money in integer fen (1/100 yuan)")
     currency: str = Field(default="CNY", min_length=3, max_length=3)
     items: list[OrderItem] = Field(default_factory=list, max_length=500)
     channel: str | None = Field(default=None, max_length=64)
@@ -105,7 +111,7 @@ class OrderPaidData(OrderPlacedData):
 
 class OrderRefundedData(_Data):
     order_id: str = Id
-    amount_fen: int = Field(ge=0, description="money in integer fen (1/100 yuan)")
+    amount_fen: int = Field(ge=0, le=MAX_FEN, description="money in integer fen (1/100 yuan)")
     reason: str | None = Field(default=None, max_length=200)
 
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection, delete, func, select, update
 
-from app.api.deps import NowDep, SessionDep, TenantIdDep
+from app.api.deps import NowDep, RowId, SessionDep, TenantIdDep
 from app.api.submit import command, read_only, submit
 from app.errors import NotFound
 from app.mechanics.community import service
@@ -86,7 +86,10 @@ def _newest(
     return [to_json(r) for r in conn.execute(q.order_by(table.c.id.desc()).limit(500))]
 
 
-@router.put("/{group_id}", responses=responses(422))
+@router.put(
+    "/{group_id}",
+    responses={201: {"description": "The group, registered now (the same body as 200)"}},
+)
 def put_group(
     group_id: Annotated[str, Path(min_length=1, max_length=128)],
     body: GroupIn,
@@ -273,7 +276,7 @@ class Decision(BaseModel):
 
 def _decide(decision: str) -> Any:
     async def route(
-        request_id: int,
+        request_id: RowId,
         request: Request,
         tenant_id: TenantIdDep,
         body: Decision | None = None,
@@ -316,7 +319,7 @@ async def moderation(
 
 @router.post("/moderation/{decision_id}/reverse", responses=responses(404, 409))
 async def reverse(
-    decision_id: int,
+    decision_id: RowId,
     request: Request,
     tenant_id: TenantIdDep,
     body: Decision | None = None,

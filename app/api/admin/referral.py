@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection, func, select
 
-from app.api.deps import TenantIdDep
+from app.api.deps import RowId, TenantIdDep
 from app.api.submit import command, read_only, submit
 from app.errors import NotFound
 from app.funnels.store import funnel_t
@@ -46,7 +46,7 @@ async def channel_code(
 
 def _review(decision: str) -> Any:
     async def route(
-        reward_id: int,
+        reward_id: RowId,
         request: Request,
         tenant_id: TenantIdDep,
         idempotency_key: IdempotencyKey = None,

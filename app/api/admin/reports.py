@@ -27,7 +27,7 @@ from app.analytics.funnel import (
     scope_for,
 )
 from app.analytics.replay import MAX_REPLAY_EVENTS, count_events, replay, replay_range
-from app.api.deps import TenantIdDep
+from app.api.deps import MAX_ID, TenantIdDep
 from app.api.submit import read_only
 from app.db import read_connection
 from app.engine import load_and_compile
@@ -44,7 +44,9 @@ class ReportQuery:
 
     def __init__(
         self,
-        version: Annotated[int | None, Query(ge=1, description="one version; default: all")] = None,
+        version: Annotated[
+            int | None, Query(ge=1, le=MAX_ID, description="one version; default: all")
+        ] = None,
         start: Annotated[
             date | None,
             Query(alias="from", description="first local day (default: 29 days before `to`)"),

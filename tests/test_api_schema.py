@@ -1,0 +1,113 @@
+"""Schemathesis against the service's own OpenAPI: every operation, authenticated as a real
+tenant (API key) or member (member token), with generated parameters and bodies. Whatever
+is sent: no 500, every error is an RFC 9457 problem document, and every response matches
+the status codes, content types and schemas the OpenAPI promises.
+
+Bounded like the other property tests: a few examples per operation by default, more under
+the `ci` profile (HYPOTHESIS_PROFILE=ci, which CI sets)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from app.clock import FrozenClock
+from app.db import make_engine, session_scope
+from app.funnels.service import publish
+from app.main import create_app
+from app.migrations import upgrade
+from tests.conftest import T0, Client, new_tenant, settings_for
+from tests.factories import office_lunch
+
+EXAMPLES = 25 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 4
+PROBLEM = "application/problem+json"
+
+
+# The app is built at import (schemathesis reads its OpenAPI to parametrize the test; that
+# touches no database); the module's fixture migrates and seeds the database behind it.
+_DIR = Path(tempfile.mkdtemp(prefix="flywheel-schema-"))
+_ENGINE = make_engine(f"sqlite:///{_DIR / 'flywheel.db'}")
+APP: Any = create_app(
+    settings_for(str(_ENGINE.url)).model_copy(update={"workers": "off"}),
+    engine=_ENGINE,
+    clock=FrozenClock(T0),
+)
+schema = schemathesis.openapi.from_dict(APP.openapi())
+schema.app = APP
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[dict[str, Any]]:
+    """A tenant with the example funnel published, and a member with a token, created
+    through the API."""
+    upgrade(_ENGINE.url.render_as_string(hide_password=False))
+    tenant_id, tenant = new_tenant(_ENGINE, "fuzz")
+    with session_scope(_ENGINE) as session:
+        publish(session, tenant_id, "office-lunch", office_lunch(), T0)
+    client = Client(APP)
+    r = client.post("/v1/members", json={"external_id": "fuzzer"}, headers=tenant)
+    assert r.status_code == 201, r.text
+    r = client.post(f"/v1/members/{r.json()['id']}/tokens", headers=tenant)
+    assert r.status_code in (200, 201), r.text
+    yield {"tenant": tenant, "member": {"Authorization": f"Bearer {r.json()['token']}"}}
+    _ENGINE.dispose()
+    shutil.rmtree(_DIR, ignore_errors=True)
+
+
+def problem_documents(ctx: Any, response: Any, case: Any) -> bool:
+    """Every 4xx/5xx is problem+json with its type, title, status (matching the response)
+    and detail."""
+    if response.status_code < 400:
+        return True
+    kind = response.headers.get("content-type", [""])
+    kind = kind[0] if isinstance(kind, list) else kind
+    assert kind.startswith(PROBLEM), f"{response.status_code} answered as {kind!r}"
+    doc = response.json()
+    for field in ("type", "title", "status", "detail"):
+        assert field in doc, f"problem document without {field}: {doc}"
+    assert doc["status"] == response.status_code, doc
+    return True
+
+
+@schema.parametrize()
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_every_operation_answers_as_documented(case: Any, api: dict[str, Any]) -> None:
+    path = case.operation.path
+    who = api["member"] if path.startswith("/v1/member/") else api["tenant"]
+    generated = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
+    case.headers = {**generated, **who}
+    # Sent through the same in-process httpx transport as the rest of the suite (schemathesis'
+    # own ASGI client would run the app's lifespan around each call).
+    kwargs = case.as_transport_kwargs(base_url="http://testserver")
+    kwargs.pop("cookies", None)  # none of the operations reads a cookie
+    if isinstance(kwargs.get("data"), bytes | str):
+        kwargs["content"] = kwargs.pop("data")  # raw bodies, as httpx spells them
+    response = Client(APP).request(kwargs.pop("method"), kwargs.pop("url"), **kwargs)
+    case.validate_response(
+        response,
+        checks=[
+            not_a_server_error,
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+            problem_documents,
+        ],
+    )
