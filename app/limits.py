@@ -1,4 +1,5 @@
-"""A request body limit. Starlette sets none, so without this a client could stream gigabytes."""
+"""Request limits: the body's size (Starlette sets none, so without this a client could stream
+gigabytes) and its media type, and the per-tenant rate limit."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import TooManyRequests
 
+# API bodies are JSON. Webhooks are read raw (their signature covers the bytes, whatever
+# the sender calls them) and the console posts forms.
+_JSON_TYPES = (b"application/json", b"application/problem+json")
+_RAW_BODIES = ("/v1/webhooks/",)
+
 
 class BodyLimitMiddleware:
+    """The limits on what a request may carry, before any route reads it: a body larger
+    than `max_bytes` is a 413 (whether declared or streamed), and a body sent to the API as
+    anything but JSON is a 415, instead of a validation error about missing fields."""
+
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
@@ -20,9 +30,14 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, send)
+            await self._refuse(scope, send, *self._too_large())
+            return
+        kind = headers.get(b"content-type")
+        if kind is not None and not _is_json(kind) and _json_api(scope):
+            await self._refuse(scope, send, *_unsupported(kind))
             return
         seen = 0
 
@@ -38,24 +53,31 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await self._refuse(scope, send)
+            await self._refuse(scope, send, *self._too_large())
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
+    def _too_large(self) -> tuple[int, str, str, str]:
+        detail = f"request bodies are limited to {self.max_bytes} bytes"
+        return 413, "body-too-large", "Body too large", detail
+
+    @staticmethod
+    async def _refuse(
+        scope: Scope, send: Send, status: int, slug: str, title: str, detail: str
+    ) -> None:
         body = json.dumps(
             {
-                "type": "https://flywheel.example/problems/body-too-large",
-                "title": "Body too large",
-                "status": 413,
-                "detail": f"request bodies are limited to {self.max_bytes} bytes",
+                "type": f"https://flywheel.example/problems/{slug}",
+                "title": title,
+                "status": status,
+                "detail": detail,
                 "instance": scope.get("path", ""),
-                "code": "body_too_large",
+                "code": slug.replace("-", "_"),
                 "errors": [],
             }
         ).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/problem+json"),
                     (b"content-length", str(len(body)).encode()),
@@ -63,6 +85,26 @@ class BodyLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _is_json(kind: bytes) -> bool:
+    media = kind.split(b";", 1)[0].strip().lower()
+    return media in _JSON_TYPES or media.endswith(b"+json")
+
+
+def _json_api(scope: Scope) -> bool:
+    path: str = scope.get("path", "")
+    return (
+        scope.get("method") in ("POST", "PUT", "PATCH")
+        and path.startswith("/v1/")
+        and not path.startswith(_RAW_BODIES)
+    )
+
+
+def _unsupported(kind: bytes) -> tuple[int, str, str, str]:
+    shown = kind.decode("latin-1")[:100]
+    detail = f"the API reads JSON bodies; send Content-Type: application/json (got {shown})"
+    return 415, "unsupported-media-type", "Unsupported media type", detail
 
 
 class _TooLarge(Exception):

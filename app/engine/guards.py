@@ -17,6 +17,12 @@ import cel
 from app.engine.definition import MAX_EXPRESSION_CHARS
 
 ROOTS = ("event", "member", "funnel", "state", "now")
+# CEL has no loops, but a comprehension (all, exists, map…) inside another multiplies: two
+# levels over a member's list of 100,000 items is 10^10 steps. One level keeps every guard
+# linear in its input, which the body limit bounds.
+MAX_MACRO_DEPTH = 1
+_MACRO_OPEN = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\($")
+_STRING = re.compile(r"'''.*?'''|\"\"\".*?\"\"\"|'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", re.DOTALL)
 _MACRO_VARIABLE = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
 _TEMPLATE_FIELD = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
@@ -50,6 +56,11 @@ def compile_guard(source: str) -> Guard:
         program = cel.compile(source)
     except Exception as exc:
         raise GuardError(_first_cel_line(str(exc))) from exc
+    if _macro_depth(source) > MAX_MACRO_DEPTH:
+        raise GuardError(
+            "a comprehension (all, exists, exists_one, map, filter) inside another; "
+            "guards allow one level, so their cost stays linear in their input"
+        )
     bound = set(_MACRO_VARIABLE.findall(source))
     unknown = sorted(set(program.variables()) - bound - set(ROOTS))
     if unknown:
@@ -58,6 +69,22 @@ def compile_guard(source: str) -> Guard:
             f"guards can read {', '.join(ROOTS)}"
         )
     return Guard(source, program)
+
+
+def _macro_depth(source: str) -> int:
+    """How deeply comprehension macros nest in `source` (string literals skipped)."""
+    code = _STRING.sub('""', source)
+    stack: list[bool] = []  # per open parenthesis: does it open a macro?
+    depth = deepest = 0
+    for i, ch in enumerate(code):
+        if ch == "(":
+            is_macro = bool(_MACRO_OPEN.search(code[max(0, i - 20) : i + 1]))
+            stack.append(is_macro)
+            depth += is_macro
+            deepest = max(deepest, depth)
+        elif ch == ")" and stack:
+            depth -= stack.pop()
+    return deepest
 
 
 def _first_cel_line(message: str) -> str:
