@@ -130,6 +130,10 @@ def test_nested_comprehensions_are_refused_so_a_guard_stays_linear(client, engin
     assert time.perf_counter() - t < 5  # refused while compiling, never evaluated
     assert errors[0]["path"] == "transitions[0].guard"
     assert "one level" in errors[0]["message"] and MAX_MACRO_DEPTH == 1
+    doc["transitions"][0]["guard"] = (
+        "event.tags.all(a, event.tags.exists" + " " * 40 + "(b, a == b))"
+    )
+    assert "one level" in refused(_publish(client, tenant, doc), 422)["errors"][0]["message"]
     doc["transitions"][0]["guard"] = 'event.tags.map(t, t + "!").exists(t, t == "vip!")'
     assert _publish(client, tenant, doc).status_code == 201  # chained, not nested: linear
     assert counts(engine)[0] == 1

@@ -21,9 +21,10 @@ ROOTS = ("event", "member", "funnel", "state", "now")
 # levels over a member's list of 100,000 items is 10^10 steps. One level keeps every guard
 # linear in its input, which the body limit bounds.
 MAX_MACRO_DEPTH = 1
-_MACRO_OPEN = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\($")
+_MACROS = r"(?:all|exists|exists_one|map|filter)"
+_MACRO_OPEN = re.compile(rf"\.\s*{_MACROS}\s*\(")
 _STRING = re.compile(r"'''.*?'''|\"\"\".*?\"\"\"|'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", re.DOTALL)
-_MACRO_VARIABLE = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
+_MACRO_VARIABLE = re.compile(rf"\.\s*{_MACROS}\s*\(\s*([A-Za-z_]\w*)\s*,")
 _TEMPLATE_FIELD = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
 
@@ -74,11 +75,12 @@ def compile_guard(source: str) -> Guard:
 def _macro_depth(source: str) -> int:
     """How deeply comprehension macros nest in `source` (string literals skipped)."""
     code = _STRING.sub('""', source)
+    opens = {m.end() - 1 for m in _MACRO_OPEN.finditer(code)}  # where each macro's "(" is
     stack: list[bool] = []  # per open parenthesis: does it open a macro?
     depth = deepest = 0
     for i, ch in enumerate(code):
         if ch == "(":
-            is_macro = bool(_MACRO_OPEN.search(code[max(0, i - 20) : i + 1]))
+            is_macro = i in opens
             stack.append(is_macro)
             depth += is_macro
             deepest = max(deepest, depth)
