@@ -77,6 +77,14 @@ class VersionArchived(DomainError):
     status, code, title = 409, "version_archived", "Funnel version archived"
 
 
+class BodyTooLarge(DomainError):
+    status, code, title = 413, "body_too_large", "Body too large"
+
+
+class UnsupportedMediaType(DomainError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
+
+
 class TooManyRequests(DomainError):
     status, code, title = 429, "rate_limited", "Too many requests"
 

@@ -3,14 +3,14 @@ gigabytes) and its media type, and the per-tenant rate limit."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import TooManyRequests
+from app.errors import BodyTooLarge, DomainError, TooManyRequests, UnsupportedMediaType
+from app.problems import problem_of, send_raw
 
 # API bodies are JSON. Webhooks are read raw (their signature covers the bytes, whatever
 # the sender calls them) and the console posts forms.
@@ -33,11 +33,11 @@ class BodyLimitMiddleware:
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, send, *self._too_large())
+            await self._refuse(scope, send, self._too_large())
             return
         kind = headers.get(b"content-type")
         if kind is not None and not _is_json(kind) and _json_api(scope):
-            await self._refuse(scope, send, *_unsupported(kind))
+            await self._refuse(scope, send, _unsupported(kind))
             return
         seen = 0
 
@@ -53,38 +53,14 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await self._refuse(scope, send, *self._too_large())
+            await self._refuse(scope, send, self._too_large())
 
-    def _too_large(self) -> tuple[int, str, str, str]:
-        detail = f"request bodies are limited to {self.max_bytes} bytes"
-        return 413, "body-too-large", "Body too large", detail
+    def _too_large(self) -> BodyTooLarge:
+        return BodyTooLarge(f"request bodies are limited to {self.max_bytes} bytes")
 
     @staticmethod
-    async def _refuse(
-        scope: Scope, send: Send, status: int, slug: str, title: str, detail: str
-    ) -> None:
-        body = json.dumps(
-            {
-                "type": f"https://flywheel.example/problems/{slug}",
-                "title": title,
-                "status": status,
-                "detail": detail,
-                "instance": scope.get("path", ""),
-                "code": slug.replace("-", "_"),
-                "errors": [],
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/problem+json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(scope: Scope, send: Send, problem: DomainError) -> None:
+        await send_raw(send, *problem_of(problem, scope.get("path", "")))
 
 
 def _is_json(kind: bytes) -> bool:
@@ -101,10 +77,11 @@ def _json_api(scope: Scope) -> bool:
     )
 
 
-def _unsupported(kind: bytes) -> tuple[int, str, str, str]:
+def _unsupported(kind: bytes) -> UnsupportedMediaType:
     shown = kind.decode("latin-1")[:100]
-    detail = f"the API reads JSON bodies; send Content-Type: application/json (got {shown})"
-    return 415, "unsupported-media-type", "Unsupported media type", detail
+    return UnsupportedMediaType(
+        f"the API reads JSON bodies; send Content-Type: application/json (got {shown})"
+    )
 
 
 class _TooLarge(Exception):

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from app.engine.paths import pydantic_loc_to_path
 from app.errors import DomainError, FieldProblem
@@ -74,6 +75,24 @@ def problem_of(exc: DomainError, instance: str) -> Parts:
         orjson.dumps(body),
         [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
     )
+
+
+async def send_raw(
+    send: Send, status: int, media_type: bytes, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Answer on the raw ASGI channel (`Parts`, or a fast path's own reply)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", media_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _headers_of(exc: DomainError) -> dict[str, str]:

@@ -24,7 +24,7 @@ from app.events.dispatch import Inbound, Reply
 from app.events.ingest import InvalidEvent, loads, parse_event, verify_signature
 from app.events.schemas import INBOUND_SCHEMA_NAMES, MEMBER_REPORTABLE, EventAccepted
 from app.observability import Metrics
-from app.problems import database_unavailable, problem_of, responses
+from app.problems import database_unavailable, problem_of, responses, send_raw
 
 router = APIRouter(tags=["webhooks"])
 
@@ -138,13 +138,13 @@ class WebhookFastPath:
             if reply.error is not None:
                 raise reply.error
         except DomainError as exc:
-            await _send(send, *problem_of(exc, path))
+            await send_raw(send, *problem_of(exc, path))
             return
         except OperationalError as exc:
-            await _send(send, *database_unavailable(exc, path))
+            await send_raw(send, *database_unavailable(exc, path))
             return
         extra = [(b"idempotent-replayed", b"true")] if reply.replayed else []
-        await _send(send, reply.status, b"application/json", reply.content(), extra)
+        await send_raw(send, reply.status, b"application/json", reply.content(), extra)
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -157,27 +157,6 @@ async def _read_body(receive: Receive) -> bytes:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
-
-
-async def _send(
-    send: Send,
-    status: int,
-    media_type: bytes,
-    body: bytes,
-    headers: list[tuple[bytes, bytes]],
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", media_type),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 @router.post(
