@@ -9,11 +9,11 @@ is reconnected to without restarting the service.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, event, text
@@ -138,19 +138,24 @@ def read_connection(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
+T = TypeVar("T")
 _MEMO = "flywheel_transaction_memo"
 
 
-def transaction_memo(conn: Connection) -> dict[Any, Any]:
-    """A dict that lives as long as the connection's current transaction: for rows the write
-    path reads for every event but only other transactions change (a chat group's settings).
-    The connection's `info` outlives checkouts, so the dict is tied to the transaction."""
+def once_per_transaction(conn: Connection, key: Hashable, load: Callable[[], T]) -> T:
+    """`load()`, run once per key in the connection's current transaction: for rows the
+    write path reads for every event but only other transactions change (a chat group's
+    settings, a stored version). The connection's `info` outlives checkouts, so the memo is
+    tied to the transaction."""
     transaction = conn.get_transaction()
     held = conn.info.get(_MEMO)
     if held is None or held[0] is not transaction:
         held = conn.info[_MEMO] = (transaction, {})
-    memo: dict[Any, Any] = held[1]
-    return memo
+    memo: dict[Hashable, Any] = held[1]
+    if key not in memo:
+        memo[key] = load()
+    hit: T = memo[key]
+    return hit
 
 
 def ping(engine: Engine) -> None:

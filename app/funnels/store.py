@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, and_, bindparam, delete, func, insert, select, update
 
-from app.db import transaction_memo
+from app.db import once_per_transaction
 from app.engine import CompiledFunnel, MemberState, Outcome, compile_document
 from app.engine.state import StageChange
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
@@ -103,13 +103,11 @@ _VERSION_BY_ID = (
 def version_ref(conn: Connection, version_id: int) -> VersionRef:
     """The reference of one stored version (a team keeps the version it was opened under),
     read once per transaction: a stored version never changes."""
-    memo = transaction_memo(conn)
-    hit: VersionRef | None = memo.get((VersionRef, version_id))
-    if hit is None:
-        hit = memo[(VersionRef, version_id)] = VersionRef(
-            *conn.execute(_VERSION_BY_ID, {"b_id": version_id}).one()
-        )
-    return hit
+    return once_per_transaction(
+        conn,
+        (VersionRef, version_id),
+        lambda: VersionRef(*conn.execute(_VERSION_BY_ID, {"b_id": version_id}).one()),
+    )
 
 
 def _instance_query() -> Any:

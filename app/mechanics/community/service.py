@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db import insert_or_skip, row_json, transaction_memo
+from app.db import insert_or_skip, once_per_transaction, row_json
 from app.engine.guards import render_template
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
@@ -65,6 +65,13 @@ _GROUP = select(group_t).where(
 
 def group(conn: Connection, tenant_id: int, group_id: str) -> Any | None:
     return conn.execute(_GROUP, {"b_tenant": tenant_id, "b_group": group_id}).first()
+
+
+def _group_and_settings(
+    conn: Connection, tenant_id: int, group_id: str
+) -> tuple[Any | None, GroupSettings | None]:
+    row = group(conn, tenant_id, group_id)
+    return row, settings_of(row) if row is not None else None
 
 
 def settings_of(row: Any) -> GroupSettings:
@@ -158,12 +165,9 @@ def observe(
         return None
     # Groups change only through the admin API, in transactions of their own: one read per
     # batch, with the settings validated once.
-    memo = transaction_memo(conn)
-    hit = memo.get(("group", tenant_id, group_id))
-    if hit is None:
-        row = group(conn, tenant_id, group_id)
-        hit = memo[("group", tenant_id, group_id)] = (row, settings_of(row) if row else None)
-    row, settings = hit
+    row, settings = once_per_transaction(
+        conn, ("group", tenant_id, group_id), lambda: _group_and_settings(conn, tenant_id, group_id)
+    )
     effects = Effects(m.id, {})
     if event_type == "member.joined":
         if joined(conn, tenant_id, group_id, m.id, now):
