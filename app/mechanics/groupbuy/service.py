@@ -92,6 +92,11 @@ def _campaign_seats(ctx: Context, member_id: int, campaign_key: str) -> list[Any
     )
 
 
+def _live(seats: list[Any]) -> Any | None:
+    """The seat, of `_campaign_seats`, in a team of the campaign that is still open."""
+    return next((s for s in seats if s.live_key is not None), None)
+
+
 def _seat_of(conn: Connection, team_id: int, member_id: int) -> Any:
     return conn.execute(
         select(seat_t).where(seat_t.c.team_id == team_id, seat_t.c.member_id == member_id)
@@ -196,7 +201,7 @@ def _check_member_limits(
     ctx: Context, member_id: int, seats: list[Any], cfg: GroupBuy, role: str
 ) -> None:
     """`seats`: the member's seats in the campaign (`_campaign_seats`)."""
-    live = next((s for s in seats if s.live_key is not None), None)
+    live = _live(seats)
     if live is not None:
         raise Refused(
             rules.IN_ANOTHER_TEAM,
@@ -598,7 +603,7 @@ def _free_seat(ctx: Context, team: Any, member_id: int, cfg: GroupBuy) -> bool:
     if team.seats_taken >= team.capacity:
         return False
     seats = _campaign_seats(ctx, member_id, _campaign_key(team.funnel_id, team.campaign))
-    if any(s.live_key is not None for s in seats):
+    if _live(seats) is not None:
         return False
     _take_seat(ctx, team, cfg)
     return True
