@@ -801,16 +801,25 @@ class _Savepoint:
 
     def __init__(self, conn: Connection) -> None:
         self._cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        self._driver_error: type[Exception] = conn.dialect.loaded_dbapi.Error
+
+    def _run(self, *statements: str) -> None:
+        for statement in statements:
+            try:
+                self._cursor.execute(statement)
+            except self._driver_error as exc:
+                # Past SQLAlchemy, so said here as it would: the connection (and with it the
+                # transaction) is gone, which fails the whole batch as "database unavailable".
+                raise OperationalError(statement, None, exc, connection_invalidated=True) from exc
 
     def begin(self) -> None:
-        self._cursor.execute("SAVEPOINT flywheel_event")
+        self._run("SAVEPOINT flywheel_event")
 
     def release(self) -> None:
-        self._cursor.execute("RELEASE SAVEPOINT flywheel_event")
+        self._run("RELEASE SAVEPOINT flywheel_event")
 
     def rollback(self) -> None:
-        self._cursor.execute("ROLLBACK TO SAVEPOINT flywheel_event")
-        self._cursor.execute("RELEASE SAVEPOINT flywheel_event")
+        self._run("ROLLBACK TO SAVEPOINT flywheel_event", "RELEASE SAVEPOINT flywheel_event")
 
 
 def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -> list[Reply]:
@@ -828,8 +837,10 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
                 replies.append(Reply(exc.status, {}, error=exc))
                 continue
             except OperationalError as exc:
-                if _is_retryable(exc):
-                    raise  # the transaction is aborted: retry the batch
+                if _is_retryable(exc) or exc.connection_invalidated:
+                    # The transaction is aborted (retry the batch) or its connection is lost
+                    # (the whole batch is answered 503; nothing of it was committed).
+                    raise
                 savepoint.rollback()
                 cache.forget()
                 log.exception("event failed in the write path", extra={"fields": _ids(item)})
