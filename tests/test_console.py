@@ -121,6 +121,20 @@ def test_the_console_shows_the_reports_numbers_in_chromium(
     assert shot.stat().st_size > 10_000
 
 
+def hardened(r: httpx.Response) -> None:
+    """The console's security headers: no inline or foreign script or style, never framed,
+    no referrer (sign-in links carry a token), nothing cached."""
+    csp = dict(
+        part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";")
+    )
+    assert csp["default-src"] == "'none'" and csp["frame-ancestors"] == "'none'"
+    assert csp["script-src"] == csp["style-src"] == "'self'"  # no 'unsafe-inline'
+    assert r.headers["x-frame-options"] == "DENY"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["referrer-policy"] == "no-referrer"
+    assert r.headers["cache-control"] == "no-store"
+
+
 def test_sign_in_csrf_and_the_replay_button(engine: Engine, clock: FrozenClock) -> None:
     import asyncio
 
@@ -133,12 +147,17 @@ def test_sign_in_csrf_and_the_replay_button(engine: Engine, clock: FrozenClock) 
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             r = await c.get("/console")
             assert r.status_code == 200 and 'action="/console/login"' in r.text
+            hardened(r)
+            for asset in ("chart.js", "console.css"):
+                hardened(await c.get(f"/console/static/{asset}"))
+            assert (await c.get("/console/static/../routes.py")).status_code == 404
             r = await c.post("/console/login", data={"key": "fw_wrong"})
             assert r.status_code == 401 and "unknown or revoked" in r.text
             r = await c.get("/console/enter", params={"token": "forged"})
             assert r.status_code == 401 and "invalid or has expired" in r.text
             r = await c.post("/console/login", data={"key": key})
             assert r.status_code == 303
+            hardened(r)
             cookie = r.headers["set-cookie"]
             assert "HttpOnly" in cookie and "SameSite=strict" in cookie and key not in cookie
             page = (await c.get("/console")).text

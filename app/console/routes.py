@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable, Coroutine
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +19,7 @@ from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel
 from sqlalchemy import Connection, select
@@ -30,7 +32,7 @@ from app.api.admin.reports import ReportQuery
 from app.api.deps import TenantIdDep
 from app.api.submit import read_only
 from app.db import read_connection, session_scope
-from app.errors import DomainError
+from app.errors import DomainError, NotFound
 from app.funnels.store import funnel_t
 from app.mechanics.groupbuy.models import Team
 from app.mechanics.solitaire.models import SolitaireList
@@ -40,7 +42,36 @@ from app.problems import responses
 from app.security import CONSOLE_LINK, CONSOLE_SESSION, issue_console_token, read_console_token
 from app.tenancy.service import authenticate
 
-router = APIRouter(prefix="/console", include_in_schema=False)
+# Every console response: scripts and styles only from the console itself (no inline code,
+# so an injected tag runs nothing), never framed (clickjacking the replay button), no
+# referrer (the sign-in link carries a token), nothing cached (pages hold tenant data).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+class _Hardened(APIRoute):
+    """A console route whose every response carries SECURITY_HEADERS (on the router, not
+    in a middleware, so the API's hot path does not pay for them)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def hardened(request: Request) -> Response:
+            response = await handler(request)
+            response.headers.update(SECURITY_HEADERS)
+            return response
+
+        return hardened
+
+
+router = APIRouter(prefix="/console", include_in_schema=False, route_class=_Hardened)
 links = APIRouter(prefix="/v1/console", tags=["console"])
 COOKIE = "fw_console"
 SESSION_SECONDS = 8 * 3600
@@ -165,9 +196,14 @@ async def console_link(request: Request, tenant_id: TenantIdDep) -> ConsoleLink:
     return ConsoleLink(url=f"/console/enter?token={token}", expires_in=LINK_SECONDS)
 
 
-@router.get("/static/chart.js")
-async def chart_js() -> FileResponse:
-    return FileResponse(STATIC / "chart.js", media_type="text/javascript")
+ASSETS = {"chart.js": "text/javascript", "console.css": "text/css"}
+
+
+@router.get("/static/{name}")
+async def asset(name: str) -> FileResponse:
+    if name not in ASSETS:
+        raise NotFound(f"no console asset {name!r}")
+    return FileResponse(STATIC / name, media_type=ASSETS[name])
 
 
 # ── the page ────────────────────────────────────────────────────────────────────────────────
