@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FUNNEL_FILES := $(filter-out funnels/funnel.schema.json,$(wildcard funnels/*.json))
 
-.PHONY: install run test lint check schema bench bench-durability worker clean browser
+.PHONY: install run test lint check schema bench bench-durability worker clean browser audit
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required" >&2; exit 1; }
@@ -38,6 +38,11 @@ browser:
 	  else \
 	    echo "WARNING: chromium is not installed; tests/test_console.py will SKIP (apt-get install chromium)" >&2; \
 	  fi; }
+
+## make audit: pip-audit over the installed dependencies; fails on a known vulnerability
+## (and says how many packages PyPI could answer for). CI runs it after the tests.
+audit: $(STAMP)
+	$(BIN)/python .ci/audit.py
 
 ## make test: install and run the whole suite (SQLite and, when reachable, PostgreSQL).
 test: $(STAMP) browser
