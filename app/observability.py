@@ -148,6 +148,11 @@ def configure_logging(fmt: str, level: str) -> None:
     )
     root.setLevel(level.upper())
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs each outbound request line at INFO, query string and all: WeChat's
+    # code2Session takes the app secret as a query parameter, and a tenant's action URL may
+    # carry a token. Each delivery attempt is recorded in delivery_attempt instead.
+    for client_logger in ("httpx", "httpcore"):
+        logging.getLogger(client_logger).setLevel(logging.WARNING)
 
 
 class RequestLogMiddleware:

@@ -58,6 +58,15 @@ class Workers:
             self.notify()
         return replies
 
+    def new_client(self) -> httpx.AsyncClient:
+        """The delivery client these settings call for (public addresses only, outside
+        development)."""
+        return delivery.new_client(
+            self.settings.delivery_timeout_seconds,
+            self.settings.outbox_concurrency,
+            public_only=not self.settings.private_action_urls_allowed,
+        )
+
     async def deliver(self, client: httpx.AsyncClient) -> int:
         n = await delivery.deliver_due(
             self.engine,
@@ -66,7 +75,6 @@ class Workers:
             limit=self.settings.outbox_batch,
             lease=timedelta(seconds=self.settings.outbox_lease_seconds),
             metrics=self.metrics,
-            allow_private=self.settings.private_action_urls_allowed,
         )
         self.totals.deliveries += n
         return n
@@ -116,9 +124,7 @@ class Workers:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
-        client = delivery.new_client(
-            self.settings.delivery_timeout_seconds, self.settings.outbox_concurrency
-        )
+        client = self.new_client()
         try:
             await asyncio.gather(
                 self._every(stop, self._timers_round),
@@ -163,9 +169,7 @@ class Workers:
 
     async def until_idle(self) -> Totals:
         """Fire and deliver until nothing is due (the CLI's --until-idle, tests)."""
-        client = delivery.new_client(
-            self.settings.delivery_timeout_seconds, self.settings.outbox_concurrency
-        )
+        client = self.new_client()
         try:
             while True:
                 fired = len(await asyncio.to_thread(self.fire_timers))

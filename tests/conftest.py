@@ -31,6 +31,7 @@ from app.funnels.service import publish
 from app.main import create_app
 from app.migrations import upgrade
 from app.tenancy.service import create_tenant
+from tests.servers import FakeWeChat
 
 settings.register_profile(
     "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -164,6 +165,16 @@ def client(engine: Engine, clock: FrozenClock) -> Client:
     return Client(app_for(engine, clock))
 
 
+def deliver(app: Any) -> int:
+    """One round of the delivery worker, with the client its settings call for."""
+
+    async def go() -> int:
+        async with app.state.workers.new_client() as client:
+            return await app.state.workers.deliver(client)  # type: ignore[no-any-return]
+
+    return asyncio.run(go())
+
+
 def new_tenant(engine: Engine, name: str = "acme") -> tuple[int, dict[str, str]]:
     """A tenant and the headers that authenticate as it."""
     with session_scope(engine) as session:
@@ -245,3 +256,11 @@ class Source:
 
 def event(type_: str, member: str = "m-1", **data: object) -> dict[str, object]:
     return {"type": type_, "member": {"id": member}, "data": data}
+
+
+@pytest.fixture
+def wechat() -> Iterator[FakeWeChat]:
+    fake = FakeWeChat()
+    fake.server.start()
+    yield fake
+    fake.server.stop()

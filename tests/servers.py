@@ -9,7 +9,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs
 
+import orjson
 import uvicorn
 from standardwebhooks.webhooks import Webhook
 
@@ -100,3 +102,46 @@ class Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.server.stop()
+
+
+APP_ID, APP_SECRET = "wx1234567890abcdef", "s3cret-app-secret"
+
+
+class FakeWeChat:
+    """`/sns/jscode2session` as WeChat answers it: codes map to openids; anything else is
+    errcode 40029; a code is good once (then 40163)."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, dict[str, Any]] = {}
+        self.used: set[str] = set()
+        self.requests: list[dict[str, list[str]]] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return
+            query = parse_qs(scope["query_string"].decode())
+            self.requests.append(query)
+            code = query.get("js_code", [""])[0]
+            good = query.get("appid") == [APP_ID] and query.get("secret") == [APP_SECRET]
+            if code == "busy":
+                answer: dict[str, Any] = {"errcode": -1, "errmsg": "system error"}
+            elif code == "too-fast":
+                answer = {"errcode": 45011, "errmsg": "api minute-quota reach limit"}
+            elif not good or code not in self.codes:
+                answer = {"errcode": 40029, "errmsg": "invalid code"}
+            elif code in self.used:
+                answer = {"errcode": 40163, "errmsg": "code been used"}
+            else:
+                self.used.add(code)
+                answer = {**self.codes[code], "session_key": "never-leaves-flywheel"}
+            body = orjson.dumps(answer)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/plain")],  # as WeChat sends it
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+        self.server = LocalServer(app)

@@ -8,7 +8,6 @@ calling the API.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 from datetime import UTC, datetime, timedelta
@@ -23,10 +22,9 @@ from app.main import create_app
 from app.mechanics.groupbuy.models import Seat, Team
 from app.mechanics.vouchers.models import Voucher
 from app.members.models import Member
-from app.outbox import delivery
 from app.outbox.delivery import BACKOFF, MAX_ATTEMPTS
 from app.outbox.models import Outbox
-from tests.conftest import FUNNELS, Client, Source, event, new_tenant, settings_for
+from tests.conftest import FUNNELS, Client, Source, deliver, event, new_tenant, settings_for
 from tests.servers import Receiver
 
 LUNCH = json.loads((FUNNELS / "office-lunch.json").read_text())
@@ -189,14 +187,6 @@ def test_three_colleagues_team_up_get_vouchers_and_the_till_redeems_once(shop):
     assert shop.vouchers(bea)[0]["status"] == "redeemed"
 
 
-def deliver(app: Any) -> int:
-    async def go() -> int:
-        async with delivery.new_client(5, 4) as client:
-            return await app.state.workers.deliver(client)  # type: ignore[no-any-return]
-
-    return asyncio.run(go())
-
-
 def refused(r: Any, code: str) -> None:
     assert r.status_code == 409, r.text
     assert r.headers["content-type"] == "application/problem+json"
@@ -215,8 +205,8 @@ def test_joins_that_cannot_happen_are_409_with_a_reason(shop):
     refused(shop.join(dan, team), "team_closed")
     refused(shop.open(ann), "lead_limit_reached")  # max_teams_led_per_member: 1
 
-    r = shop.join(dan, "tm_nosuchteam")
-    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "data.team"
+    r = shop.join(dan, "tm_nosuchteam")  # the team is the URL's: a 404, like any other
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
 
     other = shop.open(dan).json()["result"]["team"]
     shop.clock.set(datetime.fromisoformat(other["deadline"]))  # the sweep has not run yet
@@ -278,7 +268,7 @@ def test_the_merchant_cancels_an_open_team(shop):
     )
     _, other = new_tenant(shop.engine, "other")  # another tenant cannot see or touch it
     assert shop.client.get(f"/v1/groupbuy/teams/{team}", headers=other).status_code == 404
-    assert shop.client.post(f"/v1/groupbuy/teams/{team}/cancel", headers=other).status_code == 422
+    assert shop.client.post(f"/v1/groupbuy/teams/{team}/cancel", headers=other).status_code == 404
 
 
 # ── deadlines, without anyone calling the API ─────────────────────────────────────────────
@@ -527,6 +517,8 @@ def test_teams_can_be_driven_by_webhooks_from_the_merchants_backend(shop):
     assert r.status_code == 409 and r.json()["code"] == "team_closed"
     r = backend.send(event("groupbuy.join", "dan"))
     assert r.status_code == 422 and r.json()["errors"][0]["path"] == "data.team"
+    r = backend.send(event("groupbuy.join", "dan", team="tm_nosuchteam"))  # a body's reference
+    assert r.status_code == 422 and r.json()["code"] == "invalid_reference"
     assert shop.states() == {"ann": "activated", "bea": "activated", "cai": "activated"}
 
 

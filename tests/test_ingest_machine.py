@@ -34,10 +34,9 @@ from app.db import make_engine
 from app.events.models import EventLog
 from app.funnels.models import StageHistory
 from app.outbox.models import Outbox
-from tests.conftest import T0, Client, Source, _truncate, app_for, event, new_tenant
+from tests.conftest import T0, Client, Source, _truncate, app_for, deliver, event, new_tenant
 from tests.factories import welcome
 from tests.servers import Receiver
-from tests.test_workers import deliver
 
 MEMBERS = ("m1", "m2", "m3")
 EVENTS = {

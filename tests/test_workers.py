@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,11 +19,10 @@ from app.clock import FrozenClock
 from app.events.dispatch import Inbound, apply_batch
 from app.events.models import EventLog
 from app.funnels.models import FunnelInstance
-from app.outbox import delivery
 from app.outbox.delivery import BACKOFF, MAX_ATTEMPTS, decide
 from app.outbox.models import Outbox
 from app.timers.models import Timer
-from tests.conftest import Client, Source, app_for, event, new_tenant
+from tests.conftest import Client, Source, app_for, deliver, event, new_tenant
 from tests.factories import welcome
 from tests.servers import Receiver
 
@@ -31,14 +30,6 @@ from tests.servers import Receiver
 def count(engine, model, *where) -> int:
     with engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
-
-
-def deliver(app) -> int:
-    async def go() -> int:
-        async with delivery.new_client(5, 4) as client:
-            return await app.state.workers.deliver(client)
-
-    return asyncio.run(go())
 
 
 @pytest.fixture
@@ -195,6 +186,40 @@ def test_a_members_actions_are_delivered_in_order(setup, engine, clock, receiver
     assert mine == ["send_message", "send_message", "issue_voucher"]
 
 
+def test_a_receiver_down_for_an_hour_gets_every_action_after_in_member_order(
+    setup, engine, clock, receiver
+):
+    app, client, h, source = setup
+    _connect(client, h, receiver)
+    back_at = clock.now() + timedelta(hours=1)
+    answered: list[tuple[str, str]] = []  # (member, action type) of each accepted delivery
+
+    def down_for_an_hour(body: Any) -> bool:
+        if clock.now() < back_at:
+            return True  # 500 to everything
+        answered.append((body["member"]["id"], body["type"]))
+        return False
+
+    receiver.refuse = down_for_an_hour
+    members = [f"wx-{i}" for i in range(4)]
+    for m in members:
+        source.send(event("member.joined", m))
+        source.send(event("message.posted", m, group_id="g", message_id=f"{m}-1"))
+        source.send(event("order.paid", m, order_id=f"{m}-o", amount_fen=4000))
+    expected = count(engine, Outbox)
+    assert expected == 2 * len(members)  # a welcome and a voucher each
+    end = clock.now() + timedelta(hours=4)
+    while clock.now() < end:  # the workers' loop, on the fake clock, five minutes a step
+        deliver(app)
+        clock.advance(timedelta(minutes=5))
+    assert count(engine, Outbox, Outbox.status == "delivered") == expected
+    assert len(answered) == expected  # each accepted exactly once
+    for m in members:  # and each member's in the order they were caused
+        assert [kind for who, kind in answered if who == m] == ["send_message", "issue_voucher"]
+    refused = [c for c in receiver.calls if c["body"]["type"] == "send_message"]
+    assert len(refused) > len(members)  # it did try while the receiver was down
+
+
 def test_410_disables_the_endpoint_until_it_is_set_again(setup, engine, clock, receiver):
     app, client, h, source = setup
     _connect(client, h, receiver)
@@ -325,3 +350,40 @@ def test_private_addresses_are_refused_again_at_send_time(engine, clock, receive
     assert deliver(strict) == 1 and receiver.calls == []
     row = client.get("/v1/deliveries", headers=h).json()[0]
     assert row["status"] == "pending" and "non-public address" in row["last_error"]
+
+
+def test_a_name_that_rebinds_to_a_private_address_after_the_check_is_not_called(
+    engine, clock, receiver, monkeypatch
+):
+    """DNS rebinding: the tenant's name resolves to a public address when the URL is saved,
+    then to the receiver on loopback. The delivery checks the address it dials, not an
+    earlier answer, so the receiver is never called."""
+    from app.main import create_app
+    from tests.conftest import settings_for
+
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "hooks.rebind.test":
+            return real(host, *args, **kwargs)
+        lookups.append(host)
+        address = "93.184.216.34" if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 80))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = engine.url.render_as_string(hide_password=False)
+    settings = settings_for(url).model_copy(update={"allow_private_action_urls": False})
+    app = create_app(settings, engine=engine, clock=clock)
+    client = Client(app)
+    _, h = new_tenant(engine)
+    client.put("/v1/funnels/welcome", json=welcome(), headers=h)
+    port = receiver.url.split(":")[2].split("/")[0]
+    endpoint = f"http://hooks.rebind.test:{port}/actions"
+    r = client.put("/v1/action-endpoint", json={"url": endpoint}, headers=h)
+    assert r.status_code == 200, r.text  # public when saved
+    Source(client, h, clock).send(event("member.joined", "wx-1"))
+    assert deliver(app) == 1 and len(lookups) == 2
+    assert receiver.calls == []
+    row = client.get("/v1/deliveries", headers=h).json()[0]
+    assert row["status"] == "pending" and "127.0.0.1, a non-public address" in row["last_error"]

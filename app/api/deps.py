@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Engine
 from sqlmodel import Session
 
@@ -23,6 +24,16 @@ from app.tenancy.service import KEY_PREFIX, authenticate
 # its path, not an overflow in the driver.
 MAX_ID = 2**63 - 1
 RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+class Input(BaseModel):
+    """The base of every request body: a field the operation does not declare is a 422 at
+    its path, never silently dropped. A caller who sends `tenant_id`, a balance, a state or
+    a sequence number learns it cannot set them (mass assignment), and a misspelt option is
+    an error rather than a default quietly used (the OpenAPI says `additionalProperties:
+    false`)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def get_settings_dep(request: Request) -> Settings:

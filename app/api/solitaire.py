@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Header, Request, Response
 from pydantic import AwareDatetime, BaseModel, Field
 from sqlalchemy import Connection, select
 
-from app.api.deps import MemberClaimsDep, RowId, TenantIdDep
+from app.api.deps import Input, MemberClaimsDep, RowId, TenantIdDep
 from app.api.submit import command, member_command, read_only, submit
 from app.errors import NotFound
 from app.mechanics.solitaire import rules
@@ -25,7 +25,7 @@ member = APIRouter(prefix="/v1/member/solitaire", tags=["member (mini-program)"]
 IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
-class OpenList(BaseModel):
+class OpenList(Input):
     group: str = Field(min_length=1, max_length=128, description="the chat group's id (opengid)")
     funnel: str | None = Field(default=None, description="with campaign: the menu and rules")
     campaign: str | None = None
@@ -37,12 +37,12 @@ class OpenList(BaseModel):
     closes_at: AwareDatetime | None = Field(default=None, description="default: opens + open_for")
 
 
-class OrderedItem(BaseModel):
+class OrderedItem(Input):
     sku: str = Field(min_length=1, max_length=64)
     qty: int = Field(default=1, ge=1, le=rules.MAX_QTY)
 
 
-class LineIn(BaseModel):
+class LineIn(Input):
     items: list[OrderedItem] = Field(default_factory=list, max_length=50)
     note: str | None = Field(default=None, max_length=500)
     pickup: str | None = Field(default=None, max_length=100)
@@ -52,14 +52,14 @@ class LineIn(BaseModel):
     )
 
 
-class LineChange(BaseModel):
+class LineChange(Input):
     items: list[OrderedItem] | None = Field(default=None, max_length=50)
     note: str | None = Field(default=None, max_length=500)
     pickup: str | None = Field(default=None, max_length=100)
     address: str | None = Field(default=None, max_length=500)
 
 
-class Finish(BaseModel):
+class Finish(Input):
     reason: str | None = Field(default=None, max_length=64)
 
 

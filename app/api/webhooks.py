@@ -208,5 +208,10 @@ def _loads_object(body: bytes) -> dict[str, Any]:
         raise InvalidEvent(
             "the body must be a JSON object", errors=[FieldProblem("", "not an object")]
         )
-    document.pop("member", None)  # a member reports only about themselves
+    if "member" in document:  # a member reports only about themselves, never as another
+        raise InvalidEvent(
+            "a member reports events only about themselves: leave out `member`, the token "
+            "says who you are",
+            errors=[FieldProblem("member", "not accepted from a member")],
+        )
     return document

@@ -18,12 +18,14 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 import orjson
 from sqlalchemy import Engine, and_, exists, insert, or_, select, update
@@ -92,17 +94,63 @@ def parse_retry_after(value: str | None, now: datetime) -> timedelta | None:
 
 # ── SSRF guard ────────────────────────────────────────────────────────────────────────────
 def private_address(url: str) -> str | None:
-    """Why `url` points inside the network (loopback, private, link-local…), or None."""
+    """Why `url` points inside the network (loopback, private, link-local…), or None: the
+    early answer when a tenant saves the URL. Deliveries are checked again on the address
+    they dial (PublicOnlyNetwork)."""
     host = urlsplit(url).hostname or ""
     try:
         infos = socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError):
         return f'the host "{host}" does not resolve'
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
+    return _non_public(host, [info[4][0] for info in infos])
+
+
+def _non_public(host: str, addresses: list[Any]) -> str | None:
+    for address in addresses:
+        ip = ipaddress.ip_address(address)
         if not ip.is_global:
             return f'"{host}" resolves to {ip}, a non-public address'
     return None
+
+
+class PublicOnlyNetwork(httpcore.AsyncNetworkBackend):
+    """httpcore's network, dialling only public addresses, and checking the address it
+    dials: the name is resolved once, here, and the connection goes to that address. A check
+    before sending followed by the connection's own lookup could be answered differently by
+    a tenant's DNS the second time (DNS rebinding). TLS still verifies the host name (httpcore
+    passes the URL's host as the server name), and the Host header is the URL's."""
+
+    def __init__(self) -> None:
+        self._net = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise httpcore.ConnectError(f'refused: the host "{host}" does not resolve') from exc
+        addresses = [str(info[4][0]) for info in infos]
+        why = _non_public(host, addresses)
+        if why:
+            raise httpcore.ConnectError(f"refused: {why}")
+        return await self._net.connect_tcp(
+            addresses[0], port, timeout, local_address, socket_options
+        )
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("refused: not a public address")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._net.sleep(seconds)
 
 
 # ── claim, send, record ───────────────────────────────────────────────────────────────────
@@ -184,18 +232,11 @@ def body_of(c: Claimed) -> bytes:
     )
 
 
-async def send(
-    client: httpx.AsyncClient, c: Claimed, now: datetime, *, allow_private: bool = True
-) -> Result:
+async def send(client: httpx.AsyncClient, c: Claimed, now: datetime) -> Result:
     body = body_of(c)
     headers = signed_headers(c.secrets, delivery_id(c.id), now, body)
     started = time.perf_counter()
     status = error = retry_after = None
-    if not allow_private:
-        # Checked again at send time: the name may resolve elsewhere than when it was set.
-        why = await asyncio.to_thread(private_address, c.url)
-        if why:
-            return Result(c, now, 0, None, f"refused: {why}", None)
     try:
         response = await client.post(c.url, content=body, headers=headers)
         status, retry_after = response.status_code, response.headers.get("retry-after")
@@ -253,23 +294,34 @@ async def deliver_due(
     limit: int = 50,
     lease: timedelta = timedelta(minutes=2),
     metrics: Metrics | None = None,
-    allow_private: bool = True,
 ) -> int:
     """One round: claim, send concurrently, record. Returns how many were attempted."""
     claimed = await asyncio.to_thread(claim, engine, now, limit, lease)
     if not claimed:
         return 0
-    results = await asyncio.gather(
-        *(send(client, c, now, allow_private=allow_private) for c in claimed)
-    )
+    results = await asyncio.gather(*(send(client, c, now) for c in claimed))
     await asyncio.to_thread(record, engine, list(results), now, metrics)
     return len(claimed)
 
 
-def new_client(timeout: float, concurrency: int) -> httpx.AsyncClient:
+def new_client(timeout: float, concurrency: int, *, public_only: bool) -> httpx.AsyncClient:
+    """The delivery client: no redirects followed; with `public_only` (outside development)
+    every connection goes through PublicOnlyNetwork, and no proxy from the environment is
+    used, since a proxy would dial the address instead of us."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=not public_only)
+    if public_only:
+        # httpx has no parameter for httpcore's network backend: the same pool, with it.
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PublicOnlyNetwork(),
+        )
     return httpx.AsyncClient(
+        transport=transport,
         timeout=httpx.Timeout(timeout),
         follow_redirects=False,
-        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         headers={"user-agent": "Flywheel-Webhooks/0.1"},
     )

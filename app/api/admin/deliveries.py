@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, status
 from pydantic import AnyHttpUrl, BaseModel, Field
 from sqlmodel import Session, col, select
 
-from app.api.deps import MAX_ID, NowDep, SessionDep, SettingsDep, TenantDep
+from app.api.deps import MAX_ID, Input, NowDep, SessionDep, SettingsDep, TenantDep
 from app.errors import DomainError, FieldProblem, NotFound
 from app.events.sources import new_secret
 from app.outbox.delivery import private_address
@@ -28,7 +28,7 @@ class UnsafeUrl(DomainError):
     status, code, title = 422, "unsafe_url", "Action endpoint not allowed"
 
 
-class EndpointIn(BaseModel):
+class EndpointIn(Input):
     url: AnyHttpUrl = Field(description="receives actions as signed Standard Webhooks POSTs")
 
 
@@ -42,7 +42,10 @@ class EndpointOut(BaseModel):
 
 
 class EndpointSecret(EndpointOut):
-    secret: str = Field(description="verify deliveries with it (Standard Webhooks, whsec_…)")
+    secret: str | None = Field(
+        description="verify deliveries with it (Standard Webhooks, whsec_…); shown only in "
+        "the answer that made it (the first PUT, each rotation), null in the others"
+    )
 
 
 def _out(e: ActionEndpoint) -> EndpointOut:
@@ -69,7 +72,8 @@ def put_endpoint(
     body: EndpointIn, tenant: TenantDep, session: SessionDep, settings: SettingsDep, now: NowDep
 ) -> EndpointSecret:
     """Set where actions are delivered (this also re-enables a disabled endpoint). The
-    signing secret is generated on first use and kept across URL changes."""
+    signing secret is generated on first use, shown in that answer only, and kept across
+    URL changes."""
     assert tenant.id is not None
     url = str(body.url)
     if not settings.private_action_urls_allowed:
@@ -80,6 +84,7 @@ def put_endpoint(
                 errors=[FieldProblem("url", why)],
             )
     e = _endpoint(session, tenant.id)
+    created = e is None
     if e is None:
         e = ActionEndpoint(
             tenant_id=tenant.id, url=url, secret=new_secret(), created_at=now, updated_at=now
@@ -87,16 +92,17 @@ def put_endpoint(
     e.url, e.updated_at, e.disabled_at, e.disabled_reason = url, now, None, None
     session.add(e)
     session.flush()
-    return _with_secret(e)
+    return _with_secret(e) if created else EndpointSecret(**_out(e).model_dump(), secret=None)
 
 
 @router.get("/v1/action-endpoint", responses=responses(404))
-def get_endpoint(tenant: TenantDep, session: SessionDep) -> EndpointSecret:
+def get_endpoint(tenant: TenantDep, session: SessionDep) -> EndpointOut:
+    """Where actions go, without the secret (rotate it to get a new one)."""
     assert tenant.id is not None
     e = _endpoint(session, tenant.id)
     if e is None:
         raise NotFound("no action endpoint yet: PUT /v1/action-endpoint with its url")
-    return _with_secret(e)
+    return _out(e)
 
 
 @router.post("/v1/action-endpoint/rotate-secret", responses=responses(404))

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import Connection, select
 
-from app.api.deps import TenantIdDep
+from app.api.deps import Input, TenantIdDep
 from app.api.submit import command, read_only, submit
 from app.errors import NotFound
 from app.funnels.store import funnel_t
@@ -24,11 +24,11 @@ router = APIRouter(prefix="/v1", tags=["group-buy and vouchers"], responses=resp
 IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
-class Cancel(BaseModel):
+class Cancel(Input):
     reason: str | None = Field(default=None, max_length=64)
 
 
-class Redeem(BaseModel):
+class Redeem(Input):
     till: str | None = Field(default=None, max_length=100, description="which till or cashier")
     order_id: str | None = Field(default=None, max_length=128)
 

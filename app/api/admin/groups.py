@@ -13,10 +13,10 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import Connection, delete, func, select, update
 
-from app.api.deps import NowDep, RowId, SessionDep, TenantIdDep
+from app.api.deps import Input, NowDep, RowId, SessionDep, TenantIdDep
 from app.api.submit import command, read_only, submit
 from app.errors import NotFound
 from app.mechanics.community import service
@@ -211,7 +211,7 @@ async def group_members(
     return await read_only(request, read)
 
 
-class RoleIn(BaseModel):
+class RoleIn(Input):
     role: Role = Field(description="owner, admin and opinion_leader are never pruned")
 
 
@@ -270,7 +270,7 @@ async def join_requests(
     )
 
 
-class Decision(BaseModel):
+class Decision(Input):
     note: str | None = Field(default=None, max_length=500, description="told to the member on deny")
 
 
@@ -333,7 +333,7 @@ async def reverse(
     )
 
 
-class BroadcastIn(BaseModel):
+class BroadcastIn(Input):
     groups: Annotated[list[GroupId], Field(min_length=1, max_length=500)]
     text: Annotated[str, Field(min_length=1, max_length=2000)]
 

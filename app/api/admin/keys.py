@@ -5,14 +5,14 @@ from datetime import datetime
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
-from app.api.deps import NowDep, RowId, SessionDep, TenantDep
+from app.api.deps import Input, NowDep, RowId, SessionDep, TenantDep
 from app.problems import responses
 from app.tenancy import service
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"], responses=responses(401))
 
 
-class ApiKeyCreate(BaseModel):
+class ApiKeyCreate(Input):
     name: str = Field(min_length=1, max_length=100)
 
 

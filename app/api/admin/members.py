@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
-from app.api.deps import NowDep, RowId, SessionDep, SettingsDep, TenantDep
+from app.api.deps import Input, NowDep, RowId, SessionDep, SettingsDep, TenantDep
 from app.funnels.models import Funnel, FunnelInstance, StageHistory
 from app.members import service
 from app.members.models import Member
@@ -19,9 +19,7 @@ from app.security import issue_member_token
 router = APIRouter(prefix="/v1/members", tags=["members"], responses=responses(401))
 
 
-class MemberUpsert(BaseModel):
-    model_config = {"extra": "forbid"}
-
+class MemberUpsert(Input):
     external_id: str = Field(min_length=1, max_length=128, description="openid or your member id")
     unionid: str | None = Field(default=None, max_length=128)
     nickname: str | None = Field(default=None, max_length=100)

@@ -9,10 +9,10 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import Connection, func, select
 
-from app.api.deps import RowId, TenantIdDep
+from app.api.deps import Input, RowId, TenantIdDep
 from app.api.submit import command, read_only, submit
 from app.errors import NotFound
 from app.funnels.store import funnel_t
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/referral", tags=["referral"], responses=responses
 IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
-class Channel(BaseModel):
+class Channel(Input):
     channel: str = Field(min_length=1, max_length=64, description="lobby-poster-A, staff-li…")
 
 

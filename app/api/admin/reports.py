@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import Connection
 
 from app import csvfile
@@ -27,7 +27,7 @@ from app.analytics.funnel import (
     scope_for,
 )
 from app.analytics.replay import MAX_REPLAY_EVENTS, count_events, replay, replay_range
-from app.api.deps import MAX_ID, TenantIdDep
+from app.api.deps import MAX_ID, Input, TenantIdDep
 from app.api.submit import read_only
 from app.db import read_connection
 from app.engine import load_and_compile
@@ -190,7 +190,7 @@ async def members_by_stage(
     )
 
 
-class ReplayIn(BaseModel):
+class ReplayIn(Input):
     definition: dict[str, Any] = Field(description="the draft funnel (same key as the live one)")
     start: date = Field(alias="from", description="first local day")
     end: date = Field(alias="to", description="last local day, inclusive")

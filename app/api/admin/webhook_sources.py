@@ -1,5 +1,6 @@
 """Webhook sources: each integration (group bot, mini-program backend, shop) gets its own
-endpoint and signing secret."""
+endpoint and signing secret. A secret is shown once, in the answer that made it (creation
+or rotation); lost, it is rotated, never read back."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from datetime import datetime, timedelta
 from fastapi import APIRouter, Request, status
 from pydantic import BaseModel, Field
 
-from app.api.deps import NowDep, SessionDep, SettingsDep, TenantDep
+from app.api.deps import Input, NowDep, SessionDep, SettingsDep, TenantDep
 from app.events import sources as service
 from app.events.models import WebhookSource
 from app.problems import responses
@@ -16,7 +17,7 @@ from app.problems import responses
 router = APIRouter(prefix="/v1/webhook-sources", tags=["webhooks"], responses=responses(401))
 
 
-class SourceCreate(BaseModel):
+class SourceCreate(Input):
     name: str = Field(
         pattern=service.NAME_PATTERN,
         description="your name for it: group-bot, miniprogram, shop…",
@@ -34,7 +35,9 @@ class SourcePublic(BaseModel):
 
 
 class SourceSecret(SourcePublic):
-    secret: str = Field(description="the Standard Webhooks signing secret (whsec_…)")
+    secret: str = Field(
+        description="the Standard Webhooks signing secret (whsec_…), shown only here: keep it"
+    )
 
 
 def _public(request: Request, s: WebhookSource) -> SourcePublic:
@@ -67,10 +70,10 @@ def list_sources(request: Request, tenant: TenantDep, session: SessionDep) -> li
 
 
 @router.get("/{name}", responses=responses(404))
-def get_source(name: str, request: Request, tenant: TenantDep, session: SessionDep) -> SourceSecret:
-    """The source with its current secret (the integration needs it to sign)."""
+def get_source(name: str, request: Request, tenant: TenantDep, session: SessionDep) -> SourcePublic:
+    """The source, without its secret (rotate it to get a new one)."""
     assert tenant.id is not None
-    return _secret(request, service.get_source(session, tenant.id, name))
+    return _public(request, service.get_source(session, tenant.id, name))
 
 
 @router.post("/{name}/rotate-secret", responses=responses(404))

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlmodel import select
 
-from app.api.deps import NowDep, SessionDep, TenantDep
+from app.api.deps import Input, NowDep, SessionDep, TenantDep
 from app.errors import Conflict, NotFound
 from app.identity.models import WeChatApp
 from app.problems import responses
@@ -16,7 +16,7 @@ from app.problems import responses
 router = APIRouter(prefix="/v1/wechat-app", tags=["member login"], responses=responses(401))
 
 
-class WeChatAppIn(BaseModel):
+class WeChatAppIn(Input):
     app_id: str = Field(pattern=r"^wx[0-9a-zA-Z]{6,62}$", examples=["wx1234567890abcdef"])
     app_secret: str = Field(min_length=8, max_length=128, description="write-only")
 

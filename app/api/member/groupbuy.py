@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import Connection, select
 
-from app.api.deps import MemberClaimsDep
+from app.api.deps import Input, MemberClaimsDep
 from app.api.submit import member_command, read_only, submit
 from app.errors import NotFound
 from app.events.schemas import Profile
@@ -28,7 +28,7 @@ router = APIRouter(prefix="/v1/member", tags=["member (mini-program)"])
 IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
-class TeamAction(BaseModel):
+class TeamAction(Input):
     profile: Profile | None = Field(default=None, description="how teammates see you")
 
 
@@ -62,7 +62,7 @@ async def open_team(
     )
 
 
-@router.post("/teams/{team}/join", responses=responses(401, 409, 422, 429))
+@router.post("/teams/{team}/join", responses=responses(401, 404, 409, 422, 429))
 async def join_team(
     team: str,
     request: Request,
@@ -82,7 +82,7 @@ async def join_team(
     )
 
 
-@router.post("/teams/{team}/leave", responses=responses(401, 409, 422, 429))
+@router.post("/teams/{team}/leave", responses=responses(401, 404, 409, 422, 429))
 async def leave_team(
     team: str, request: Request, claims: MemberClaimsDep, idempotency_key: IdempotencyKey = None
 ) -> Response:

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlmodel import select
 
 from app.api.admin.members import MemberPublic, public
-from app.api.deps import NowDep, SettingsDep
+from app.api.deps import Input, NowDep, SettingsDep
 from app.db import session_scope
 from app.errors import DomainError, FieldProblem, NotFound, Unauthorized
 from app.identity.models import WeChatApp
@@ -26,13 +26,13 @@ from app.tenancy.service import find_tenant_by_name
 router = APIRouter(prefix="/v1/member", tags=["member (mini-program)"])
 
 
-class WeChatLogin(BaseModel):
+class WeChatLogin(Input):
     provider: Literal["wechat"]
     app_id: str = Field(min_length=1, max_length=64, description="the mini-program's appid")
     code: str = Field(min_length=1, max_length=256, description="from wx.login()")
 
 
-class DevLogin(BaseModel):
+class DevLogin(Input):
     """Development only (FLYWHEEL_DEV_LOGIN, on by default in development): log in as any
     openid of a tenant named here, without WeChat."""
 

@@ -66,9 +66,10 @@ def _lock_team(ctx: Context, public_id: Any, path: str = "data.team") -> Any:
         .with_for_update()
     ).first()
     if team is None:
-        raise InvalidReference(
-            f'no group-buy team "{public_id}"', errors=[FieldProblem(path, "unknown team")]
-        )
+        message = f'no group-buy team "{public_id}"'
+        if ctx.source in ("member", "admin"):  # the API's team is in its URL: a 404, as for
+            raise NotFound(message)  # any address that names nothing (or another tenant's)
+        raise InvalidReference(message, errors=[FieldProblem(path, "unknown team")])
     return team
 
 
@@ -451,7 +452,7 @@ def _vacate(
 
 def cancel(ctx: Context) -> Effects:
     """The merchant cancels an open team (`groupbuy.cancel`): paid members are refunded."""
-    team = _lock_team(ctx, ctx.data["team"], path="team")
+    team = _lock_team(ctx, ctx.data["team"])
     _, cfg = team_config(ctx.conn, team)
     if team.status != OPEN:
         raise Refused(rules.TEAM_CLOSED, f"team {team.public_id} is {team.status}")
