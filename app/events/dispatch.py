@@ -924,7 +924,14 @@ class Dispatcher:
                         self._executor, apply_batch, self.engine, items, self.clock.now()
                     )
                 except Exception as exc:
-                    log.exception("a batch of %d events failed to commit", len(batch))
+                    if isinstance(exc, OperationalError):  # an outage: one line, not a trace
+                        log.warning(  # per batch (each of its callers gets a 503)
+                            "database unavailable: a batch of %d events was not applied (%s)",
+                            len(batch),
+                            type(exc.orig).__name__,
+                        )
+                    else:
+                        log.exception("a batch of %d events failed to commit", len(batch))
                     for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(exc)
