@@ -3,8 +3,8 @@ tenant (API key) or member (member token), with generated parameters and bodies.
 is sent: no 500, every error is an RFC 9457 problem document, and every response matches
 the status codes, content types and schemas the OpenAPI promises.
 
-Bounded like the other property tests: a few examples per operation by default, more under
-the `ci` profile (HYPOTHESIS_PROFILE=ci, which CI sets)."""
+Run on SQLite and on PostgreSQL. Bounded like the other property tests: a few examples per
+operation by default, more under the `ci` profile (HYPOTHESIS_PROFILE=ci, which CI sets)."""
 
 from __future__ import annotations
 
@@ -24,48 +24,72 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from sqlalchemy import Engine
 
 from app.clock import FrozenClock
 from app.db import make_engine, session_scope
 from app.funnels.service import publish
 from app.main import create_app
 from app.migrations import upgrade
-from tests.conftest import T0, Client, new_tenant, settings_for
+from tests.conftest import T0, Client, _truncate, new_tenant, settings_for
 from tests.factories import office_lunch
 
 EXAMPLES = 25 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 4
 PROBLEM = "application/problem+json"
 
 
-# The app is built at import (schemathesis reads its OpenAPI to parametrize the test; that
-# touches no database); the module's fixture migrates and seeds the database behind it.
-_DIR = Path(tempfile.mkdtemp(prefix="flywheel-schema-"))
-_ENGINE = make_engine(f"sqlite:///{_DIR / 'flywheel.db'}")
+# Schemathesis reads the OpenAPI at import to parametrize the test, so an app is built then
+# (that touches no database); the `api` fixture builds the app each backend is fuzzed through,
+# migrated and seeded.
 APP: Any = create_app(
-    settings_for(str(_ENGINE.url)).model_copy(update={"workers": "off"}),
-    engine=_ENGINE,
-    clock=FrozenClock(T0),
+    settings_for("sqlite://").model_copy(update={"workers": "off"}), clock=FrozenClock(T0)
 )
 schema = schemathesis.openapi.from_dict(APP.openapi())
 schema.app = APP
 
 
-@pytest.fixture(scope="module")
-def api() -> Iterator[dict[str, Any]]:
+def _seeded(engine: Engine) -> dict[str, Any]:
     """A tenant with the example funnel published, and a member with a token, created
-    through the API."""
-    upgrade(_ENGINE.url.render_as_string(hide_password=False))
-    tenant_id, tenant = new_tenant(_ENGINE, "fuzz")
-    with session_scope(_ENGINE) as session:
+    through the API of an app over `engine`."""
+    url = engine.url.render_as_string(hide_password=False)
+    app = create_app(
+        settings_for(url).model_copy(update={"workers": "off"}),
+        engine=engine,
+        clock=FrozenClock(T0),
+    )
+    tenant_id, tenant = new_tenant(engine, "fuzz")
+    with session_scope(engine) as session:
         publish(session, tenant_id, "office-lunch", office_lunch(), T0)
-    client = Client(APP)
+    client = Client(app)
     r = client.post("/v1/members", json={"external_id": "fuzzer"}, headers=tenant)
     assert r.status_code == 201, r.text
     r = client.post(f"/v1/members/{r.json()['id']}/tokens", headers=tenant)
     assert r.status_code in (200, 201), r.text
-    yield {"tenant": tenant, "member": {"Authorization": f"Bearer {r.json()['token']}"}}
-    _ENGINE.dispose()
-    shutil.rmtree(_DIR, ignore_errors=True)
+    member = {"Authorization": f"Bearer {r.json()['token']}"}
+    return {"app": app, "tenant": tenant, "member": member}
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def api(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    if request.param == "sqlite":
+        folder = Path(tempfile.mkdtemp(prefix="flywheel-schema-"))
+        url = f"sqlite:///{folder / 'flywheel.db'}"
+        upgrade(url)
+        engine = make_engine(url)
+        try:
+            yield _seeded(engine)
+        finally:
+            engine.dispose()
+            shutil.rmtree(folder, ignore_errors=True)
+    else:
+        engine = make_engine(request.getfixturevalue("postgres_url"), pool_size=5)
+        try:
+            yield _seeded(engine)
+        finally:
+            _truncate(engine)
+            engine.dispose()
 
 
 def problem_documents(ctx: Any, response: Any, case: Any) -> bool:
@@ -100,7 +124,7 @@ def test_every_operation_answers_as_documented(case: Any, api: dict[str, Any]) -
     kwargs.pop("cookies", None)  # none of the operations reads a cookie
     if isinstance(kwargs.get("data"), bytes | str):
         kwargs["content"] = kwargs.pop("data")  # raw bodies, as httpx spells them
-    response = Client(APP).request(kwargs.pop("method"), kwargs.pop("url"), **kwargs)
+    response = Client(api["app"]).request(kwargs.pop("method"), kwargs.pop("url"), **kwargs)
     case.validate_response(
         response,
         checks=[

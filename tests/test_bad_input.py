@@ -85,13 +85,16 @@ def test_a_body_that_is_not_json_is_415(client, engine, tenant, kind):
     ("path", "where"),
     [
         (f"/v1/members/{MAX_ID + 1}", "path:member_id"),
+        (f"/v1/members/{2**31}", "path:member_id"),  # an INTEGER column on PostgreSQL
+        (f"/v1/api-keys/{2**31}", "path:key_id"),
         ("/v1/members/340282366920938463463374607431768211456", "path:member_id"),
         (f"/v1/funnels/f/versions/{2**64}", "path:number"),
         (f"/v1/deliveries?member_id={2**70}", "query:member_id"),
     ],
 )
-def test_ids_past_64_bits_are_422_with_their_place(client, tenant, path, where):
-    doc = refused(client.get(path, headers=tenant), 422, "validation_failed")
+def test_ids_past_their_columns_are_422_with_their_place(client, tenant, path, where):
+    method = "DELETE" if path.startswith("/v1/api-keys/") else "GET"
+    doc = refused(client.request(method, path, headers=tenant), 422, "validation_failed")
     assert [e["path"] for e in doc["errors"]] == [where]
 
 

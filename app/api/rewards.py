@@ -8,13 +8,13 @@ code (`drop_not_open`, `daily_limit_reached`, `sold_out`, `not_enough_cards`,
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import Connection, select
 
 from app.api.deps import MemberClaimsDep, TenantIdDep
-from app.api.submit import member_command, read_only, submit
+from app.api.submit import IdempotencyKey, member_command, read_only, submit
 from app.errors import NotFound
 from app.funnels.store import funnel_t
 from app.mechanics.rewards import cards
@@ -23,7 +23,6 @@ from app.problems import responses
 
 member = APIRouter(prefix="/v1/member", tags=["member (mini-program)"])
 admin = APIRouter(prefix="/v1/rewards", tags=["rewards"], responses=responses(401))
-IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 OPERATIONS = {
     "claim": ("card.claim", "Claim today's card from a card drop (first come, while it lasts)"),

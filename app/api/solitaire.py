@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi import APIRouter, Body, Request, Response
 from pydantic import AwareDatetime, BaseModel, Field
 from sqlalchemy import Connection, select
 
-from app.api.deps import Input, MemberClaimsDep, RowId, TenantIdDep
-from app.api.submit import command, member_command, read_only, submit
+from app.api.deps import Input, IntId, MemberClaimsDep, TenantIdDep
+from app.api.submit import IdempotencyKey, command, member_command, read_only, submit
 from app.errors import NotFound
 from app.mechanics.solitaire import rules
 from app.mechanics.solitaire.service import lines_of, list_json, list_t
@@ -22,7 +22,6 @@ from app.problems import responses
 
 admin = APIRouter(prefix="/v1/solitaire", tags=["solitaire"], responses=responses(401))
 member = APIRouter(prefix="/v1/member/solitaire", tags=["member (mini-program)"])
-IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
 class OpenList(Input):
@@ -240,7 +239,7 @@ async def append_line(
 @member.patch("/{list_id}/lines/{line}", responses=responses(401, 404, 409, 422, 429))
 async def change_line(
     list_id: str,
-    line: RowId,
+    line: IntId,
     body: LineChange,
     request: Request,
     claims: MemberClaimsDep,
@@ -258,7 +257,7 @@ async def change_line(
 @member.post("/{list_id}/lines/{line}/withdraw", responses=responses(401, 404, 409, 429))
 async def withdraw_line(
     list_id: str,
-    line: RowId,
+    line: IntId,
     request: Request,
     claims: MemberClaimsDep,
     idempotency_key: IdempotencyKey = None,

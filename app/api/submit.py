@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import Request, Response
+from fastapi import Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, Engine
 
@@ -17,6 +17,18 @@ from app.observability import Metrics
 from app.security import MemberClaims
 
 T = TypeVar("T")
+
+# An Idempotency-Key is kept as the event's dedupe key (200 characters), prefixed on the member
+# API with the member's id (up to 19 digits and a colon): 128 leaves room for that. (Longer
+# keys passed SQLite, which does not enforce lengths, and failed PostgreSQL's varchar.)
+IDEMPOTENCY_KEY_MAX = 128
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=IDEMPOTENCY_KEY_MAX,
+        description="makes a retry safe: the same key and request answer the first answer",
+    ),
+]
 
 
 def respond(reply: Reply) -> Response:

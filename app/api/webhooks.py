@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import observability as log_context
 from app.api.deps import MemberClaimsDep
-from app.api.submit import dispatch, respond, submit
+from app.api.submit import IdempotencyKey, dispatch, respond, submit
 from app.errors import DomainError, FieldProblem, NotFound
 from app.events.dispatch import Inbound, Reply
 from app.events.ingest import InvalidEvent, loads, parse_event, verify_signature
@@ -168,7 +168,7 @@ async def _read_body(receive: Receive) -> bytes:
 async def member_event(
     request: Request,
     member: MemberClaimsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """An event a member reports about themselves from the mini-program: a check-in, a
     poster scan, an invite code. Payments and orders come only from the shop's signed

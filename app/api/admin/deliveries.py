@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, status
 from pydantic import AnyHttpUrl, BaseModel, Field
 from sqlmodel import Session, col, select
 
-from app.api.deps import MAX_ID, Input, NowDep, SessionDep, SettingsDep, TenantDep
+from app.api.deps import MAX_INT, Input, NowDep, SessionDep, SettingsDep, TenantDep
 from app.errors import DomainError, FieldProblem, NotFound
 from app.events.sources import new_secret
 from app.outbox.delivery import private_address
@@ -184,7 +184,7 @@ def list_deliveries(
     tenant: TenantDep,
     session: SessionDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
-    member_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    member_id: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
     type_: Annotated[
         str | None,
         Query(

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response, status
 from pydantic import BaseModel, Field
 
-from app.api.deps import NowDep, RowId, SessionDep, TenantDep
+from app.api.deps import IntId, NowDep, SessionDep, TenantDep
 from app.engine import compile_document
 from app.engine.definition import FunnelDefinition
 from app.engine.lint import platform_warnings
@@ -180,7 +180,7 @@ def list_versions(key: str, tenant: TenantDep, session: SessionDep) -> list[Vers
 
 
 @router.get("/{key}/versions/{number}", responses=responses(404))
-def get_version(key: str, number: RowId, tenant: TenantDep, session: SessionDep) -> VersionDetail:
+def get_version(key: str, number: IntId, tenant: TenantDep, session: SessionDep) -> VersionDetail:
     assert tenant.id is not None
     funnel = service.get_funnel(session, tenant.id, key)
     return _detail(funnel, service.get_version(session, funnel, number))
@@ -188,7 +188,7 @@ def get_version(key: str, number: RowId, tenant: TenantDep, session: SessionDep)
 
 @router.post("/{key}/versions/{number}/archive", responses=responses(404))
 def archive_version(
-    key: str, number: RowId, tenant: TenantDep, session: SessionDep, now: NowDep
+    key: str, number: IntId, tenant: TenantDep, session: SessionDep, now: NowDep
 ) -> VersionPublic:
     """No new member enters an archived version; members already in it carry on."""
     assert tenant.id is not None
@@ -198,7 +198,7 @@ def archive_version(
 
 @router.post("/{key}/versions/{number}/migrate", responses=responses(404, 409))
 def migrate_members(
-    key: str, number: RowId, tenant: TenantDep, session: SessionDep, now: NowDep
+    key: str, number: IntId, tenant: TenantDep, session: SessionDep, now: NowDep
 ) -> MigrationResult:
     """Apply the `migrations` maps declared by this version: members of the older versions
     named there, in a mapped state, move to this version. Everyone else stays where they are."""

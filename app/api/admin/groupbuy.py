@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi import APIRouter, Body, Request, Response
 from pydantic import Field
 from sqlalchemy import Connection, select
 
 from app.api.deps import Input, TenantIdDep
-from app.api.submit import command, read_only, submit
+from app.api.submit import IdempotencyKey, command, read_only, submit
 from app.errors import NotFound
 from app.funnels.store import funnel_t
 from app.mechanics.groupbuy.service import team_json, team_t
@@ -21,7 +21,6 @@ from app.mechanics.vouchers import service as vouchers
 from app.problems import responses
 
 router = APIRouter(prefix="/v1", tags=["group-buy and vouchers"], responses=responses(401))
-IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
 class Cancel(Input):

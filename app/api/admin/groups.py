@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import Field
 from sqlalchemy import Connection, delete, func, select, update
 
 from app.api.deps import Input, NowDep, RowId, SessionDep, TenantIdDep
-from app.api.submit import command, read_only, submit
+from app.api.submit import IdempotencyKey, command, read_only, submit
 from app.errors import NotFound
 from app.mechanics.community import service
 from app.mechanics.community.service import (
@@ -35,7 +35,6 @@ from app.problems import responses
 
 router = APIRouter(prefix="/v1/groups", tags=["groups"], responses=responses(401))
 broadcasts = APIRouter(prefix="/v1/broadcasts", tags=["groups"], responses=responses(401))
-IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 GroupId = Annotated[str, Field(min_length=1, max_length=128)]
 
 

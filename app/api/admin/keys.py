@@ -5,7 +5,7 @@ from datetime import datetime
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
-from app.api.deps import Input, NowDep, RowId, SessionDep, TenantDep
+from app.api.deps import Input, IntId, NowDep, SessionDep, TenantDep
 from app.problems import responses
 from app.tenancy import service
 
@@ -44,7 +44,7 @@ def list_api_keys(tenant: TenantDep, session: SessionDep) -> list[ApiKeyPublic]:
 
 @router.delete("/{key_id}", responses=responses(404))
 def revoke_api_key(
-    key_id: RowId, tenant: TenantDep, session: SessionDep, now: NowDep
+    key_id: IntId, tenant: TenantDep, session: SessionDep, now: NowDep
 ) -> ApiKeyPublic:
     assert tenant.id is not None
     return ApiKeyPublic(**service.revoke_api_key(session, tenant.id, key_id, now).model_dump())

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
-from app.api.deps import Input, NowDep, RowId, SessionDep, SettingsDep, TenantDep
+from app.api.deps import Input, IntId, NowDep, SessionDep, SettingsDep, TenantDep
 from app.funnels.models import Funnel, FunnelInstance, StageHistory
 from app.members import service
 from app.members.models import Member
@@ -102,7 +102,7 @@ def upsert_member(
 
 
 @router.get("/{member_id}", responses=responses(404))
-def get_member(member_id: RowId, tenant: TenantDep, session: SessionDep) -> MemberDetail:
+def get_member(member_id: IntId, tenant: TenantDep, session: SessionDep) -> MemberDetail:
     """A member with their place in every funnel and their stage history."""
     assert tenant.id is not None
     member = service.get_member(session, tenant.id, member_id)
@@ -134,7 +134,7 @@ def get_member(member_id: RowId, tenant: TenantDep, session: SessionDep) -> Memb
 
 @router.post("/{member_id}/tokens", status_code=status.HTTP_201_CREATED, responses=responses(404))
 def issue_token(
-    member_id: RowId, tenant: TenantDep, session: SessionDep, settings: SettingsDep, now: NowDep
+    member_id: IntId, tenant: TenantDep, session: SessionDep, settings: SettingsDep, now: NowDep
 ) -> MemberToken:
     """A short-lived member token for a mini-program, for integrations that run their own login.
     Mini-programs on WeChat log in with `POST /v1/member/session` instead."""

@@ -8,19 +8,18 @@ from collections import Counter
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import Field
 from sqlalchemy import Connection, func, select
 
 from app.api.deps import Input, RowId, TenantIdDep
-from app.api.submit import command, read_only, submit
+from app.api.submit import IdempotencyKey, command, read_only, submit
 from app.errors import NotFound
 from app.funnels.store import funnel_t
 from app.mechanics.referral.service import code_t, event_t, link_t, member_t, reward_json, reward_t
 from app.problems import responses
 
 router = APIRouter(prefix="/v1/referral", tags=["referral"], responses=responses(401))
-IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
 class Channel(Input):

@@ -27,7 +27,7 @@ from app.analytics.funnel import (
     scope_for,
 )
 from app.analytics.replay import MAX_REPLAY_EVENTS, count_events, replay, replay_range
-from app.api.deps import MAX_ID, Input, TenantIdDep
+from app.api.deps import MAX_INT, Input, TenantIdDep
 from app.api.submit import read_only
 from app.db import read_connection
 from app.engine import load_and_compile
@@ -45,7 +45,7 @@ class ReportQuery:
     def __init__(
         self,
         version: Annotated[
-            int | None, Query(ge=1, le=MAX_ID, description="one version; default: all")
+            int | None, Query(ge=1, le=MAX_INT, description="one version; default: all")
         ] = None,
         start: Annotated[
             date | None,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi import APIRouter, Body, Request, Response
 from pydantic import Field
 from sqlalchemy import Connection, select
 
 from app.api.deps import Input, MemberClaimsDep
-from app.api.submit import member_command, read_only, submit
+from app.api.submit import IdempotencyKey, member_command, read_only, submit
 from app.errors import NotFound
 from app.events.schemas import Profile
 from app.mechanics.groupbuy.service import seat_t, team_json, team_t
@@ -25,7 +25,6 @@ from app.mechanics.vouchers.service import voucher_t
 from app.problems import responses
 
 router = APIRouter(prefix="/v1/member", tags=["member (mini-program)"])
-IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
 class TeamAction(Input):
