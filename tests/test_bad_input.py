@@ -149,3 +149,27 @@ def test_a_guard_reads_only_its_inputs(client, engine, tenant):
         errors = refused(_publish(client, tenant, doc), 422)["errors"]
         assert errors[0]["path"] == "transitions[0].guard", errors
     assert counts(engine)[0] == 0
+
+
+def test_a_nul_character_is_422_at_its_path_on_both_databases(client, engine, tenant, clock):
+    """PostgreSQL's text and jsonb cannot hold U+0000 (SQLite can): refused at the edge, with
+    the field, on both, instead of a 500 from one of them."""
+    before = counts(engine)
+    source = Source(client, tenant, clock)
+    nul = "ok\u0000no"
+    r = source.send(event("message.posted", "m-1", group_id="g", message_id="1", text=nul))
+    doc = refused(r, 422)
+    assert [e["path"] for e in doc["errors"]] == ["data.text"]
+    r = client.post("/v1/members", json={"external_id": "m-2", "nickname": nul}, headers=tenant)
+    doc = refused(r, 422, "validation_failed")
+    assert [e["path"] for e in doc["errors"]] == ["nickname"]
+    r = client.post(
+        "/v1/members", json={"external_id": "m-2", "attributes": {"k": [nul]}}, headers=tenant
+    )
+    doc = refused(r, 422, "validation_failed")
+    assert [e["path"] for e in doc["errors"]] == ["attributes"] and "k[0]" in doc["errors"][0][
+        "message"
+    ]
+    ok = source.send(event("message.posted", "m-1", group_id="g", message_id="2", text="\\u0000"))
+    assert ok.status_code == 200  # the six characters \u0000 are ordinary text
+    assert counts(engine)[1] == before[1] + 1

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from app.clock import Clock
 from app.config import Settings
 from app.db import read_connection
+from app.db_types import nul_at
 from app.errors import FieldProblem, Unauthorized
 from app.members.models import Member
 from app.security import MemberClaims, read_member_token
@@ -39,6 +40,21 @@ class Input(BaseModel):
     false`)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return storable(value)
+
+
+def storable(value: Any) -> Any:
+    """Text PostgreSQL can store: no U+0000 anywhere in a field (nested models check their own
+    fields, so the error names the innermost one)."""
+    where = nul_at(value)
+    if where is not None:
+        inside = f" (at {where})" if where else ""
+        raise ValueError(f"text may not contain the NUL character (U+0000){inside}")
+    return value
 
 
 def get_settings_dep(request: Request) -> Settings:

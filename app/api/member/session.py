@@ -8,12 +8,12 @@ from typing import Annotated, Literal
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Engine
 from sqlmodel import select
 
 from app.api.admin.members import MemberPublic, public
-from app.api.deps import Input, NowDep, SettingsDep
+from app.api.deps import NowDep, SettingsDep, storable
 from app.db import session_scope
 from app.errors import DomainError, FieldProblem, NotFound, Unauthorized
 from app.identity.models import WeChatApp
@@ -26,13 +26,22 @@ from app.tenancy.service import find_tenant_by_name
 router = APIRouter(prefix="/v1/member", tags=["member (mini-program)"])
 
 
-class WeChatLogin(Input):
+class _Login(BaseModel):
+    """Input's rules, except that `provider` discriminates the union and pydantic allows no
+    before-validator on a discriminator: each login names the fields it checks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeChatLogin(_Login):
     provider: Literal["wechat"]
     app_id: str = Field(min_length=1, max_length=64, description="the mini-program's appid")
     code: str = Field(min_length=1, max_length=256, description="from wx.login()")
 
+    _storable = field_validator("app_id", "code", mode="before")(storable)
 
-class DevLogin(Input):
+
+class DevLogin(_Login):
     """Development only (FLYWHEEL_DEV_LOGIN, on by default in development): log in as any
     openid of a tenant named here, without WeChat."""
 
@@ -40,6 +49,8 @@ class DevLogin(Input):
     tenant: str = Field(min_length=1, max_length=200, description="the tenant's name")
     openid: str = Field(min_length=1, max_length=128)
     nickname: str | None = Field(default=None, max_length=100)
+
+    _storable = field_validator("tenant", "openid", "nickname", mode="before")(storable)
 
 
 class MemberSession(BaseModel):
