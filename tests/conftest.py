@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from hypothesis import HealthCheck, settings
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from app.clock import FrozenClock
@@ -163,6 +163,18 @@ def app_for(engine: Engine, clock: FrozenClock) -> object:
 @pytest.fixture
 def client(engine: Engine, clock: FrozenClock) -> Client:
     return Client(app_for(engine, clock))
+
+
+def count(engine: Engine, model: Any, *where: Any) -> int:
+    """Rows of `model` (a model or table) matching `where`."""
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one())
+
+
+def ok(r: httpx.Response) -> Any:
+    """The JSON of a 200 or 201 answer (anything else fails with the answer's text)."""
+    assert r.status_code in (200, 201), r.text
+    return r.json()
 
 
 def deliver(app: Any) -> int:

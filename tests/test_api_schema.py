@@ -31,7 +31,7 @@ from app.db import make_engine, session_scope
 from app.funnels.service import publish
 from app.main import create_app
 from app.migrations import upgrade
-from tests.conftest import T0, Client, _truncate, new_tenant, settings_for
+from tests.conftest import T0, Client, _truncate, new_tenant, ok, settings_for
 from tests.factories import office_lunch
 
 EXAMPLES = 25 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 4
@@ -63,9 +63,8 @@ def _seeded(engine: Engine) -> dict[str, Any]:
     client = Client(app)
     r = client.post("/v1/members", json={"external_id": "fuzzer"}, headers=tenant)
     assert r.status_code == 201, r.text
-    r = client.post(f"/v1/members/{r.json()['id']}/tokens", headers=tenant)
-    assert r.status_code in (200, 201), r.text
-    member = {"Authorization": f"Bearer {r.json()['token']}"}
+    token = ok(client.post(f"/v1/members/{r.json()['id']}/tokens", headers=tenant))["token"]
+    member = {"Authorization": f"Bearer {token}"}
     return {"app": app, "tenant": tenant, "member": member}
 
 

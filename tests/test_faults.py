@@ -24,23 +24,23 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, select
 
 from app.db import make_engine, session_scope
 from app.events.ingest import signed_headers
 from app.events.models import EventLog
 from app.events.sources import create_source
+from app.funnels.models import FunnelInstance
 from app.funnels.service import publish
 from app.members.models import Member
 from app.outbox.models import Outbox
 from app.timers.models import Timer
 from app.timers.worker import fire_due
 from bench.run import HOST, start
-from tests.conftest import T0, _admin, _truncate, apply_command, new_tenant
+from tests.conftest import T0, _admin, _truncate, apply_command, count, new_tenant
 from tests.factories import welcome
 
 pytestmark = pytest.mark.fault
@@ -134,11 +134,6 @@ class Burst:
         return thread
 
 
-def count(engine: Engine, model: Any, *where: Any) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one())
-
-
 def stored(t: Tenant) -> set[str]:
     with t.engine.connect() as conn:
         rows = conn.execute(
@@ -150,14 +145,10 @@ def stored(t: Tenant) -> set[str]:
 def effects(t: Tenant) -> dict[str, int]:
     """What one member.joined of the welcome funnel writes: an event row, a member, a funnel
     instance, a welcome message in the outbox and the one-hour nudge timer."""
-    with t.engine.connect() as conn:
-        instances = conn.execute(
-            text("SELECT count(*) FROM funnel_instance WHERE tenant_id = :t"), {"t": t.tenant_id}
-        ).scalar_one()
     return {
         "events": count(t.engine, EventLog, EventLog.tenant_id == t.tenant_id),
         "members": count(t.engine, Member, Member.tenant_id == t.tenant_id),
-        "instances": int(instances),
+        "instances": count(t.engine, FunnelInstance, FunnelInstance.tenant_id == t.tenant_id),
         "welcomes": count(t.engine, Outbox, Outbox.type == "send_message"),
         "timers": count(t.engine, Timer),
     }

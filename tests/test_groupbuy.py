@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from app.clock import FrozenClock
 from app.funnels.models import FunnelInstance
@@ -24,7 +24,7 @@ from app.mechanics.vouchers.models import Voucher
 from app.members.models import Member
 from app.outbox.delivery import BACKOFF, MAX_ATTEMPTS
 from app.outbox.models import Outbox
-from tests.conftest import FUNNELS, Client, Source, deliver, event, new_tenant, settings_for
+from tests.conftest import FUNNELS, Client, Source, count, deliver, event, new_tenant, settings_for
 from tests.servers import Receiver
 
 LUNCH = json.loads((FUNNELS / "office-lunch.json").read_text())
@@ -101,10 +101,7 @@ class Shop:
         return self.app.state.workers.fire_timers()  # type: ignore[no-any-return]
 
     def count(self, model: Any, *where: Any) -> int:
-        with self.engine.connect() as conn:
-            return int(
-                conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
-            )
+        return count(self.engine, model, *where)
 
     def outbox(self, kind: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from app.db import metadata
 from app.events.ingest import signed_headers
 from app.members.models import Member
-from tests.conftest import event, new_tenant
+from tests.conftest import event, new_tenant, ok
 from tests.test_community import Club
 from tests.test_groupbuy import GROUP, LUNCH
 
@@ -127,11 +127,6 @@ class World:
     @property
     def tenant_id(self) -> int:
         return self.club.tenant_id
-
-
-def ok(r: Any) -> Any:
-    assert r.status_code in (200, 201), r.text
-    return r.json()
 
 
 def build(engine: Any, clock: Any) -> World:

@@ -11,7 +11,7 @@ import pytest
 
 from app.main import create_app
 from app.observability import JsonFormatter, configure_logging
-from tests.conftest import Client, Source, deliver, event, new_tenant, settings_for
+from tests.conftest import Client, Source, deliver, event, new_tenant, ok, settings_for
 from tests.factories import welcome
 from tests.servers import APP_ID, APP_SECRET, Receiver
 
@@ -43,35 +43,31 @@ def test_secrets_are_shown_once_and_never_logged(engine, clock, wechat, every_lo
     client.put("/v1/funnels/welcome", json=welcome(), headers=admin)
     secrets: list[str] = [admin["Authorization"].removeprefix("Bearer ")]
 
-    def shown(r) -> dict:  # type: ignore[no-untyped-def, type-arg]
-        assert r.status_code in (200, 201), r.text
-        return r.json()  # type: ignore[no-any-return]
-
-    secrets.append(shown(client.post("/v1/api-keys", json={"name": "till"}, headers=admin))["key"])
+    secrets.append(ok(client.post("/v1/api-keys", json={"name": "till"}, headers=admin))["key"])
     source = Source(client, admin, clock)
     secrets.append(source.secret)
-    rotated = shown(client.post("/v1/webhook-sources/group-bot/rotate-secret", headers=admin))
+    rotated = ok(client.post("/v1/webhook-sources/group-bot/rotate-secret", headers=admin))
     secrets.append(rotated["secret"])
     source.secret = rotated["secret"]
     with Receiver() as receiver:
-        made = shown(client.put("/v1/action-endpoint", json={"url": receiver.url}, headers=admin))
+        made = ok(client.put("/v1/action-endpoint", json={"url": receiver.url}, headers=admin))
         secrets.append(made["secret"])
-        again = shown(client.put("/v1/action-endpoint", json={"url": receiver.url}, headers=admin))
+        again = ok(client.put("/v1/action-endpoint", json={"url": receiver.url}, headers=admin))
         assert again["secret"] is None  # shown by the PUT that made it, not by later ones
-        turned = shown(client.post("/v1/action-endpoint/rotate-secret", headers=admin))
+        turned = ok(client.post("/v1/action-endpoint/rotate-secret", headers=admin))
         secrets.append(turned["secret"])
         receiver.secrets = [turned["secret"], made["secret"]]
-        member = shown(source.send(event("member.joined", "wx-1")))["member"]
+        member = ok(source.send(event("member.joined", "wx-1")))["member"]
         assert deliver(app) == 1 and receiver.calls[0]["valid"]  # a signed delivery went out
     body = {"app_id": APP_ID, "app_secret": APP_SECRET}
-    shown(client.put("/v1/wechat-app", json=body, headers=admin))
+    ok(client.put("/v1/wechat-app", json=body, headers=admin))
     wechat.codes["code-1"] = {"openid": "o-wechat-1"}
     login = {"provider": "wechat", "app_id": APP_ID, "code": "code-1"}
     secrets += [APP_SECRET, "never-leaves-flywheel"]  # WeChat's session_key too
-    secrets.append(shown(client.post("/v1/member/session", json=login))["token"])
+    secrets.append(ok(client.post("/v1/member/session", json=login))["token"])
     assert wechat.requests  # code2Session was called, with the app secret in its query
-    secrets.append(shown(client.post(f"/v1/members/{member['id']}/tokens", headers=admin))["token"])
-    link = shown(client.post("/v1/console/links", headers=admin))["url"]
+    secrets.append(ok(client.post(f"/v1/members/{member['id']}/tokens", headers=admin))["token"])
+    link = ok(client.post("/v1/console/links", headers=admin))["url"]
     secrets.append(link.split("token=", 1)[1])
     # refused credentials are not logged either
     client.get("/v1/funnels", headers={"Authorization": "Bearer fw_0123456789ab_guessedsecret"})

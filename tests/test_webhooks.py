@@ -6,7 +6,6 @@ import json
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
 
 from app.events.ingest import signed_headers
 from app.events.models import EventLog
@@ -14,15 +13,10 @@ from app.funnels.models import StageHistory
 from app.members.models import Member
 from app.outbox.models import Outbox
 from app.timers.models import Timer
-from tests.conftest import Client, Source, app_for, event, new_tenant, settings_for
+from tests.conftest import Client, Source, app_for, count, event, new_tenant, settings_for
 from tests.factories import welcome
 
 PROBLEM = "application/problem+json"
-
-
-def count(engine, model) -> int:
-    with engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(model)).scalar_one()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
 
 from app.clock import FrozenClock
 from app.events.dispatch import Inbound, apply_batch
@@ -22,14 +21,9 @@ from app.funnels.models import FunnelInstance
 from app.outbox.delivery import BACKOFF, MAX_ATTEMPTS, decide
 from app.outbox.models import Outbox
 from app.timers.models import Timer
-from tests.conftest import Client, Source, app_for, deliver, event, new_tenant
+from tests.conftest import Client, Source, app_for, count, deliver, event, new_tenant
 from tests.factories import welcome
 from tests.servers import Receiver
-
-
-def count(engine, model, *where) -> int:
-    with engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
 
 
 @pytest.fixture
