@@ -59,8 +59,8 @@ def _out(e: ActionEndpoint) -> EndpointOut:
     )
 
 
-def _with_secret(e: ActionEndpoint) -> EndpointSecret:
-    return EndpointSecret(**_out(e).model_dump(), secret=e.secret)
+def _with_secret(e: ActionEndpoint, shown: bool = True) -> EndpointSecret:
+    return EndpointSecret(**_out(e).model_dump(), secret=e.secret if shown else None)
 
 
 def _endpoint(session: Session, tenant_id: int) -> ActionEndpoint | None:
@@ -92,7 +92,7 @@ def put_endpoint(
     e.url, e.updated_at, e.disabled_at, e.disabled_reason = url, now, None, None
     session.add(e)
     session.flush()
-    return _with_secret(e) if created else EndpointSecret(**_out(e).model_dump(), secret=None)
+    return _with_secret(e, shown=created)
 
 
 @router.get("/v1/action-endpoint", responses=responses(404))
