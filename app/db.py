@@ -131,9 +131,14 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 @contextmanager
 def read_connection(engine: Engine) -> Iterator[Connection]:
-    """A connection for reads only (no write lock on SQLite)."""
+    """A connection for reads only (no write lock on SQLite). One snapshot for all its
+    statements: SQLite's read transaction is one, and PostgreSQL's REPEATABLE READ gives one
+    (a report reads the roll-up and the pairs in several statements while a worker moves
+    pairs from one to the other)."""
     with engine.connect() as conn:
         conn.execution_options(**{READ_ONLY: True})
+        if conn.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
             yield conn
 

@@ -1,4 +1,5 @@
-"""Background work: fire due timers, deliver the outbox, prune old idempotency keys.
+"""Background work: fire due timers, deliver the outbox, roll up the report's first entries,
+prune old idempotency keys.
 
 Runs inside the service (FLYWHEEL_WORKERS=on, the default) or as its own process
 (`flywheel worker`). Any number may run against one PostgreSQL; claims never overlap.
@@ -20,6 +21,7 @@ from app.config import Settings
 from app.db import read_connection
 from app.events.dispatch import Reply
 from app.events.models import EventLog
+from app.funnels import entries
 from app.mechanics.sweeps import SWEEPS, sweep_due
 from app.observability import Metrics, gauge
 from app.outbox import delivery
@@ -36,6 +38,7 @@ PRUNE_CHUNK = 5000
 class Totals:
     timers_fired: int = 0
     deliveries: int = 0
+    rolled_up: int = 0
     pruned: dict[str, int] = field(default_factory=dict)
 
 
@@ -77,6 +80,12 @@ class Workers:
             metrics=self.metrics,
         )
         self.totals.deliveries += n
+        return n
+
+    def roll_up(self) -> int:
+        """Count a chunk of new first entries into the funnel report's roll-up."""
+        n = entries.roll_up(self.engine)
+        self.totals.rolled_up += n
         return n
 
     def prune(self) -> dict[str, int]:
@@ -129,6 +138,7 @@ class Workers:
             await asyncio.gather(
                 self._every(stop, self._timers_round),
                 self._every(stop, lambda: self.deliver(client), wake=self._wake),
+                self._every(stop, lambda: asyncio.to_thread(self.roll_up)),
                 self._every(stop, self._prune_round),
             )
         finally:
@@ -174,7 +184,8 @@ class Workers:
             while True:
                 fired = len(await asyncio.to_thread(self.fire_timers))
                 sent = await self.deliver(client)
-                if not fired and not sent:
+                rolled = await asyncio.to_thread(self.roll_up)
+                if not fired and not sent and not rolled:
                     return self.totals
         finally:
             await client.aclose()
@@ -195,6 +206,7 @@ class Workers:
                     select(func.count(), func.min(timer_t.c.due_at)).where(timer_t.c.due_at <= now)
                 ).one()
                 mechanic = {s.kind: s.backlog(conn, now) for s in SWEEPS}
+                unrolled = entries.unrolled(conn)
             backlog: dict[tuple[str, ...], float] = {
                 (s,): float(by_status.get(s, 0)) for s in (PENDING, DELIVERING, DEAD)
             }
@@ -204,6 +216,12 @@ class Workers:
                 gauge("flywheel_timers_due", "Timers due and not yet fired", [], {(): due}),
                 gauge(
                     "flywheel_timers_late_seconds", "Age of the oldest due timer", [], {(): late}
+                ),
+                gauge(
+                    "flywheel_report_entries_unrolled",
+                    "First entries not yet counted into the funnel report's roll-up (its lag)",
+                    [],
+                    {(): float(unrolled)},
                 ),
                 gauge(
                     "flywheel_mechanic_timers_due",

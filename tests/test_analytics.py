@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -15,11 +16,13 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, func, insert, select
 
-from app.analytics.funnel import Period, Scope, breakdown, daily, report
+from app.analytics.funnel import Period, Scope, breakdown, daily, nth_of_two, report
 from app.clock import FrozenClock
-from app.funnels.store import funnel_t, history_t, instance_t
+from app.engine.state import StageChange
+from app.funnels.entries import pair_t, roll_up, roll_up_all, rollup_t
+from app.funnels.store import funnel_t, history_t, instance_t, record_stage_changes
 from app.members.models import Member
 from tests.conftest import T0, Client, Source, app_for, event, new_tenant, tenant_with_funnel
 from tests.factories import minimal
@@ -28,7 +31,7 @@ member_t = Member.__table__  # type: ignore[attr-defined]
 STAGES = ("acquire", "activate", "retain", "revenue")
 CHANNELS = (None, "poster", "qr")
 CAMPAIGNS = (None, "spring", "summer")
-N_MEMBERS = 6
+N_MEMBERS = 8
 STEP = timedelta(hours=5)  # entries fall on a 5-hour grid plus jitter: exact window ties happen
 
 
@@ -48,8 +51,11 @@ def stays(base: datetime) -> st.SearchStrategy[list[Stay]]:
             member=st.integers(0, N_MEMBERS - 1),
             stage=st.sampled_from(STAGES),
             at=st.builds(
-                lambda k, us: base + k * STEP + timedelta(microseconds=us),
+                lambda k, minutes, us: (
+                    base + k * STEP + timedelta(minutes=minutes, microseconds=us)
+                ),
                 st.integers(-6, 30),
+                st.sampled_from([0, 0, 30, 45]),  # :30 and :45: local midnights in Kolkata, Nepal
                 st.sampled_from([0, 0, 1, 999_999]),
             ),
             campaign=st.sampled_from(CAMPAIGNS),
@@ -64,17 +70,21 @@ def _within(a: datetime | None, b: datetime | None, window: timedelta) -> bool:
     return a is not None and b is not None and a <= b <= a + window
 
 
-def _firsts(
-    history: list[Stay], period: Period, key: Any, version: int | None
-) -> dict[Any, dict[str, datetime]]:
-    firsts: dict[Any, dict[str, datetime]] = defaultdict(dict)
-    for s in history:
-        if version is not None and s.version != version:
-            continue
-        if period.start <= s.at < period.end + period.window:
-            mine = firsts[key(s)]
-            mine[s.stage] = min(mine.get(s.stage, s.at), s.at)
+def _in(period: Period, at: datetime | None) -> bool:
+    return at is not None and period.start <= at < period.end
+
+
+def _firsts(history: list[Stay], version: int | None) -> dict[int, dict[str, Stay]]:
+    """Each member's first stay in each stage, ever (of one version, or of any)."""
+    firsts: dict[int, dict[str, Stay]] = defaultdict(dict)
+    for s in sorted(history, key=lambda s: s.at):  # stable: the order written breaks ties
+        if version is None or s.version == version:
+            firsts[s.member].setdefault(s.stage, s)
     return firsts
+
+
+def _at(first: dict[str, Stay], stage: str) -> datetime | None:
+    return first[stage].at if stage in first else None
 
 
 def _nearest_rank(values: list[float], pct: int) -> float | None:
@@ -85,22 +95,18 @@ def _nearest_rank(values: list[float], pct: int) -> float | None:
 
 
 def naive_report(history: list[Stay], period: Period, version: int | None) -> list[dict[str, Any]]:
-    firsts = _firsts(history, period, lambda s: s.member, version)
+    firsts = _firsts(history, version).values()
     w = period.window
-
-    def cohort(t: dict[str, datetime], stage: str) -> bool:
-        return stage in t and t[stage] < period.end
-
     out = []
     for i, stage in enumerate(STAGES):
-        members = [t for t in firsts.values() if cohort(t, stage)]
+        members = [t for t in firsts if _in(period, _at(t, stage))]
         row: dict[str, Any] = {"stage": stage, "entered": len(members)}
         if i + 1 < len(STAGES):
             nxt = STAGES[i + 1]
             delays = [
-                (t[nxt] - t[stage]).total_seconds()
+                (t[nxt].at - t[stage].at).total_seconds()
                 for t in members
-                if _within(t[stage], t.get(nxt), w)
+                if _within(_at(t, stage), _at(t, nxt), w)
             ]
             row.update(
                 converted=len(delays),
@@ -110,7 +116,9 @@ def naive_report(history: list[Stay], period: Period, version: int | None) -> li
             )
         first = STAGES[0]
         row["reached_from_first"] = sum(
-            1 for t in firsts.values() if cohort(t, first) and _within(t[first], t.get(stage), w)
+            1
+            for t in firsts
+            if _in(period, _at(t, first)) and _within(_at(t, first), _at(t, stage), w)
         )
         out.append(row)
     return out
@@ -119,26 +127,25 @@ def naive_report(history: list[Stay], period: Period, version: int | None) -> li
 def naive_breakdown(
     history: list[Stay], period: Period, value_of: Any
 ) -> dict[Any, list[tuple[int, int]]]:
-    firsts = _firsts(history, period, lambda s: (s.member, value_of(s)), None)
-    out: dict[Any, list[tuple[int, int]]] = {}
-    for (_, value), t in firsts.items():
-        counts = out.setdefault(value, [(0, 0)] * len(STAGES))
-        t0 = t.get(STAGES[0])
+    """Entries by the value of the stage's first stay; reached by the first stage's."""
+    out: dict[Any, list[list[int]]] = {}
+    for t in _firsts(history, None).values():
+        first = t.get(STAGES[0])
         for i, stage in enumerate(STAGES):
-            entered = int(stage in t and t[stage] < period.end)
-            reached = int(
-                t0 is not None and t0 < period.end and _within(t0, t.get(stage), period.window)
-            )
-            counts[i] = (counts[i][0] + entered, counts[i][1] + reached)
-    return out
+            if stage in t and _in(period, t[stage].at):
+                out.setdefault(value_of(t[stage]), [[0, 0] for _ in STAGES])[i][0] += 1
+            if first and _in(period, first.at) and _within(first.at, _at(t, stage), period.window):
+                out.setdefault(value_of(first), [[0, 0] for _ in STAGES])[i][1] += 1
+    return {v: [(e, r) for e, r in counts] for v, counts in out.items()}
 
 
 def naive_daily(history: list[Stay], period: Period) -> dict[str, dict[str, int]]:
-    seen: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-    for s in history:
-        if period.start <= s.at < period.end:
-            seen[s.at.astimezone(period.zone).date().isoformat()][s.stage].add(s.member)
-    return {d: {stage: len(m) for stage, m in by.items()} for d, by in seen.items()}
+    days: dict[str, Counter[str]] = defaultdict(Counter)
+    for t in _firsts(history, None).values():
+        for stage, s in t.items():
+            if _in(period, s.at):
+                days[s.at.astimezone(period.zone).date().isoformat()][stage] += 1
+    return {d: dict(by) for d, by in days.items()}
 
 
 # ── the database side ───────────────────────────────────────────────────────────────────────
@@ -182,31 +189,31 @@ def _write(
     members: list[int],
     instances: list[int],
     history: list[Stay],
+    rolled: int,
 ) -> None:
+    """The stays through the write path's own recording, in time order, then `rolled` pairs
+    (of the oldest) counted into the roll-up: the report must not care how many."""
     with engine.begin() as conn:
-        conn.execute(delete(history_t))
-        if history:
-            conn.execute(
-                insert(history_t),
-                [
-                    {
-                        "tenant_id": tenant_id,
-                        "funnel_id": funnel_id,
-                        "member_id": members[s.member],
-                        "instance_id": instances[s.member],
-                        "version": s.version,
-                        "campaign": s.campaign,
-                        "stage": s.stage,
-                        "state": s.stage,
-                        "entered_at": s.at,
-                        "entered_by": "test",
-                    }
-                    for s in history
-                ],
+        for table in (history_t, pair_t, rollup_t):
+            conn.execute(delete(table))
+        for s in sorted(history, key=lambda s: s.at):
+            record_stage_changes(
+                conn,
+                tenant_id=tenant_id,
+                funnel_id=funnel_id,
+                member_id=members[s.member],
+                instance_id=instances[s.member],
+                version=s.version,
+                campaign=s.campaign,
+                changes=[StageChange(None, s.stage, None, s.stage, s.at)],
+                event_type="test",
+                event_ref=None,
             )
+    if rolled:
+        roll_up(engine, rolled)
 
 
-ZONES = ("Asia/Shanghai", "Europe/Berlin", "America/New_York")
+ZONES = ("Asia/Shanghai", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Asia/Kathmandu")
 # Around the spring daylight-saving change in Berlin and New York (2027-03-14 and 03-28).
 BASE = datetime(2027, 3, 13, 0, 0, tzinfo=UTC)
 
@@ -222,6 +229,7 @@ def test_report_equals_a_naive_count(engine: Engine) -> None:
         days=st.integers(1, 4),
         window_h=st.sampled_from([5, 10, 24, 50]),
         version=st.sampled_from([None, 1]),
+        rolled=st.sampled_from([0, 7, 10_000]),
     )
     def check(
         history: list[Stay],
@@ -230,8 +238,9 @@ def test_report_equals_a_naive_count(engine: Engine) -> None:
         days: int,
         window_h: int,
         version: int | None,
+        rolled: int,
     ) -> None:
-        _write(engine, tenant_id, funnel_id, members, instances, history)
+        _write(engine, tenant_id, funnel_id, members, instances, history, rolled)
         tz = ZoneInfo(zone)
         d0 = date(2027, 3, 13) + timedelta(days=first_day)
         start = datetime(d0.year, d0.month, d0.day, tzinfo=tz)
@@ -272,6 +281,115 @@ def test_report_equals_a_naive_count(engine: Engine) -> None:
             assert {s: row[s] for s in STAGES if row[s]} == expected.get(row["date"], {})
 
     check()
+
+
+def test_report_is_exact_where_hours_buckets_and_windows_cut(engine: Engine) -> None:
+    """The roll-up counts whole hours and delay buckets; the report must still be exact where
+    a local midnight cuts an hour (Kolkata, +5:30) and where the window cuts a bucket, with
+    the pairs rolled up or not."""
+    tenant_id, funnel_id, members, instances = _setup(engine)
+    zone = ZoneInfo("Asia/Kolkata")
+    start = datetime(2027, 3, 14, tzinfo=zone)  # 2027-03-13 18:30 UTC
+    period = Period(start, start + timedelta(days=2), timedelta(hours=5), zone)
+    us, h, m = timedelta(microseconds=1), timedelta(hours=1), timedelta(minutes=1)
+    split = datetime(2027, 3, 14, 18, tzinfo=UTC)  # holds the local midnight of the 15th
+    acquired = [  # (when, how long until activation)
+        (start - us, h),  # before the range
+        (start, 5 * h),  # on its first instant, converting exactly at the window
+        (start + 80 * m, 5 * h + us),  # a microsecond too late
+        (start + 2 * h, 5 * h),
+        (start + 3 * h, 7 * m),
+        (split + 10 * m, 10 * m),  # 23:40 and 23:50 on the 14th
+        (split + 40 * m, h),  # 00:10 on the 15th
+        (start + 4 * h, 5 * h - us),
+    ]
+    history = [Stay(i, "acquire", at, None, 1) for i, (at, _) in enumerate(acquired)]
+    history += [Stay(i, "activate", at + d, None, 1) for i, (at, d) in enumerate(acquired)]
+    scope = Scope(tenant_id, funnel_id, None, STAGES)
+    for rolled in (0, 10_000):
+        _write(engine, tenant_id, funnel_id, members, instances, history, rolled)
+        with engine.connect() as conn:
+            got = report(conn, scope, period)["stages"]
+            series = daily(conn, scope, period)
+        acquire = got[0]
+        assert (acquire["entered"], acquire["converted"]) == (7, 6), rolled
+        assert (acquire["median_seconds"], acquire["p90_seconds"]) == (3600.0, 18000.0)
+        assert got[1]["entered"] == 8  # the first member activated inside the range
+        want = naive_report(history, period, None)
+        assert [{k: g[k] for k in w} for g, w in zip(got, want, strict=True)] == want
+        assert [(r["acquire"], r["activate"]) for r in series] == [(6, 7), (1, 1)]
+
+
+def test_concurrent_roll_ups_count_every_pair_once(engine: Engine) -> None:
+    """Workers on several instances roll up at once: each pair is counted exactly once."""
+    tenant_id, funnel_id, members, instances = _setup(engine)
+    history = [
+        Stay(i % N_MEMBERS, stage, BASE + i * timedelta(minutes=7), None, 1 + i % 2)
+        for i, stage in enumerate(STAGES * 10)
+    ]
+    _write(engine, tenant_id, funnel_id, members, instances, history, rolled=0)
+    with engine.connect() as conn:
+        pairs = conn.execute(select(func.count()).select_from(pair_t)).scalar_one()
+        want = conn.execute(select(func.count()).where(pair_t.c.delay_us >= 0)).scalar_one()
+
+    def work() -> int:
+        return roll_up_all(engine, limit=3)
+
+    with ThreadPoolExecutor(4) as pool:
+        done = sum(pool.map(lambda _: work(), range(4)))
+    with engine.connect() as conn:
+        for span in (1, 24):  # each pair in its hour and in its day
+            total = select(func.sum(rollup_t.c.n)).where(rollup_t.c.span == span)
+            assert conn.execute(total).scalar_one() == want
+        assert conn.execute(select(func.count()).where(~pair_t.c.rolled)).scalar_one() == 0
+    assert done == pairs
+
+
+def test_the_migration_backfills_the_pairs_the_write_path_writes(engine: Engine) -> None:
+    """Upgrading a database that has stage history but no pairs yet derives the same pairs
+    as the write path does (the same function), so reports do not start from zero."""
+    from alembic import command
+    from app.migrations import alembic_config
+
+    tenant_id, funnel_id, members, instances = _setup(engine)
+    at = BASE
+    history = []
+    for i, stage in enumerate(["acquire", "activate", "acquire", "revenue", "retain"]):
+        history.append(Stay(i % 3, stage, at + i * STEP, "spring" if i % 2 else None, 1 + i % 2))
+    _write(engine, tenant_id, funnel_id, members, instances, history, rolled=0)
+
+    def pairs() -> list[Any]:
+        with engine.connect() as conn:
+            return sorted(tuple(r) for r in conn.execute(select(pair_t)))
+
+    written = pairs()
+    assert len(written) > 10
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    command.downgrade(config, "55c0976a35f4")  # the revision before the pairs
+    command.upgrade(config, "head")
+    assert pairs() == written
+
+
+@given(
+    mine=st.lists(st.integers(0, 50), max_size=12).map(sorted),
+    other=st.lists(st.integers(0, 50), max_size=12).map(sorted),
+    data=st.data(),
+)
+def test_the_nth_of_two_sorted_lists(mine: list[int], other: list[int], data: Any) -> None:
+    """The percentile search: the n-th of the loose delays and the rolled-up ones, which the
+    database hands out one at a time."""
+    both = sorted(mine + other)
+    if not both:
+        return
+    n = data.draw(st.integers(1, len(both)))
+    calls: list[int] = []
+
+    def nth(k: int) -> int:
+        calls.append(k)
+        return other[k - 1]
+
+    assert nth_of_two(n, mine, len(other), nth) == both[n - 1]
+    assert len(calls) <= len(mine).bit_length() + 1
 
 
 # ── through the API, from real webhooks ─────────────────────────────────────────────────────
@@ -325,6 +443,10 @@ def test_the_report_counts_what_webhooks_did(mini: Mini) -> None:
     assert activate["converted"] == 2 and activate["median_seconds"] == 7200.0
     assert revenue["conversion_from_first"] == 0.4 and revenue["reached_from_first"] == 2
     assert body["daily"] == [{"date": day, "acquire": 5, "activate": 4, "revenue": 2}]
+
+    # Once the workers have rolled the first entries up, the report says the same.
+    assert roll_up_all(mini.client.app.state.engine) > 0  # type: ignore[attr-defined]
+    assert mini.get("/v1/reports/funnels/mini", **{"from": day, "to": day}) == body
 
     # A one-hour window: the joins converted in exactly an hour, the purchases took two.
     short = mini.get("/v1/reports/funnels/mini", **{"from": day, "to": day, "window": "PT1H"})

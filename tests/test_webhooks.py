@@ -233,6 +233,8 @@ def test_metrics_count_accepted_and_refused_events(source):
     assert 'flywheel_events_total{reason="unauthorized",result="refused"} 1.0' in text
     assert "flywheel_dispatch_seconds_bucket" in text
     assert 'flywheel_outbox_rows{status="pending"} 1.0' in text
+    # The join's first entries wait for the workers' roll-up: the report's lag, in pairs.
+    assert "flywheel_report_entries_unrolled 2.0" in text  # acquire, in version 1 and in all
 
 
 def test_app_factory_is_usable_twice_in_one_process(engine, clock):

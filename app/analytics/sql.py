@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -40,11 +40,6 @@ def _micros_sqlite(element: micros, compiler: Any, **kw: Any) -> str:
 def _micros_pg(element: micros, compiler: Any, **kw: Any) -> str:
     col = compiler.process(next(iter(element.clauses)), **kw)
     return f"CAST(EXTRACT(EPOCH FROM {col}) * 1000000 AS BIGINT)"
-
-
-def as_micros(moment: datetime) -> int:
-    delta = moment.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def local_day(column: Any, zone: ZoneInfo, start: datetime, end: datetime) -> ColumnElement[int]:

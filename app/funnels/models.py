@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Index, UniqueConstraint
+from sqlalchemy import BigInteger, Index, SmallInteger, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from app.db_types import JSONType, UTCDateTime
@@ -83,3 +83,59 @@ class StageHistory(SQLModel, table=True):
     entered_event_id: str | None = Field(default=None, max_length=200)
     left_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     left_by: str | None = Field(default=None, max_length=100)
+
+
+class StagePair(SQLModel, table=True):
+    """The funnel report's index of first entries (see app/funnels/entries.py). Entering
+    stage b for the first time writes (b, b) and, for every stage a entered before, the pair
+    (a, b) in AARRR order: when a was entered and how long after it b was. Written once,
+    never changed but for `rolled` (counted into stage_rollup)."""
+
+    __tablename__ = "stage_pair"
+    __table_args__ = (
+        # A range of first entries (the report's ragged ends, the breakdowns, daily series).
+        Index("ix_stage_pair_at", "funnel_id", "version", "a", "b", "at_us", "delay_us"),
+        # A range of delays (the bucket the window cuts through, the percentiles' buckets).
+        Index(
+            "ix_stage_pair_delay", "funnel_id", "version", "a", "b", "delay_us", "at_us", "rolled"
+        ),
+        # What the roll-up has still to count: few rows, read by the report and the worker.
+        Index(
+            "ix_stage_pair_unrolled",
+            "funnel_id",
+            "version",
+            "a",
+            "b",
+            "at_us",
+            sqlite_where=text("NOT rolled"),
+            postgresql_where=text("NOT rolled"),
+        ),
+    )
+
+    funnel_id: int = Field(foreign_key="funnel.id", primary_key=True)
+    member_id: int = Field(foreign_key="member.id", primary_key=True)
+    version: int = Field(primary_key=True, description="0: every version's entries")
+    a: int = Field(sa_type=SmallInteger, primary_key=True, description="index in STAGES")
+    b: int = Field(sa_type=SmallInteger, primary_key=True, description="a, or a later stage")
+    tenant_id: int = Field(foreign_key="tenant.id")
+    at_us: int = Field(sa_type=BigInteger, description="first entry into a, µs since 1970 UTC")
+    delay_us: int = Field(sa_type=BigInteger, description="first entry into b minus at_us")
+    campaign: str | None = Field(default=None, max_length=100, description="at entry into a")
+    rolled: bool = Field(default=False)
+
+
+class StageRollup(SQLModel, table=True):
+    """Pairs counted by UTC hour and by UTC day of the first entry, and by delay bucket
+    (entries.BOUNDS): a month's range sums about 30 day slots and the hours at its ends."""
+
+    __tablename__ = "stage_rollup"
+
+    funnel_id: int = Field(foreign_key="funnel.id", primary_key=True)
+    version: int = Field(primary_key=True)
+    a: int = Field(sa_type=SmallInteger, primary_key=True)
+    b: int = Field(sa_type=SmallInteger, primary_key=True)
+    span: int = Field(sa_type=SmallInteger, primary_key=True, description="slot length, hours")
+    slot: int = Field(primary_key=True, description="at_us // (span × 3,600,000,000)")
+    bucket: int = Field(sa_type=SmallInteger, primary_key=True)
+    tenant_id: int = Field(foreign_key="tenant.id")
+    n: int = Field(sa_type=BigInteger)

@@ -17,6 +17,8 @@ from sqlalchemy import Connection, Table, and_, bindparam, delete, func, insert,
 from app.db import once_per_transaction
 from app.engine import CompiledFunnel, MemberState, Outcome, compile_document
 from app.engine.state import StageChange
+from app.funnels.entries import Entry
+from app.funnels.entries import record as record_entries
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
 from app.timers.models import Timer
 
@@ -294,7 +296,9 @@ def record_stage_changes(
     event_type: str,
     event_ref: str | None,
 ) -> None:
-    """One stage_history row per stay in a stage; leaving closes the open row."""
+    """One stage_history row per stay in a stage; leaving closes the open row. First
+    entries also go to the report's index (app/funnels/entries.py)."""
+    entered: list[Entry] = []
     for change in changes:
         if change.left is not None:
             conn.execute(
@@ -320,3 +324,12 @@ def record_stage_changes(
                     "left_by": None,
                 },
             )
+            entered.append(Entry(change.entered, change.at, campaign))
+    record_entries(
+        conn,
+        tenant_id=tenant_id,
+        funnel_id=funnel_id,
+        member_id=member_id,
+        version=version,
+        entries=entered,
+    )
