@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import OperationalError
 
 from app.clock import Clock
 from app.config import Settings
@@ -83,8 +84,14 @@ class Workers:
         return n
 
     def roll_up(self) -> int:
-        """Count a chunk of new first entries into the funnel report's roll-up."""
-        n = entries.roll_up(self.engine)
+        """Count a chunk of new first entries into the funnel report's roll-up. When the
+        writer is busy (SQLite's lock under load, a deadlock, a lost connection) nothing
+        was committed; the next round takes the same pairs."""
+        try:
+            n = entries.roll_up(self.engine)
+        except OperationalError as exc:
+            log.warning("roll-up rolled back: %s", exc.orig)
+            return 0
         self.totals.rolled_up += n
         return n
 

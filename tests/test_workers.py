@@ -381,3 +381,26 @@ def test_a_name_that_rebinds_to_a_private_address_after_the_check_is_not_called(
     assert receiver.calls == []
     row = client.get("/v1/deliveries", headers=h).json()[0]
     assert row["status"] == "pending" and "127.0.0.1, a non-public address" in row["last_error"]
+
+
+# ── the report's roll-up ─────────────────────────────────────────────────────────────────────
+def test_a_roll_up_round_that_finds_the_writer_busy_waits_for_the_next(
+    setup, engine, clock, caplog
+):
+    """SQLite under load: the round gives up after its busy timeout, logs one warning line,
+    and the next round counts the same pairs."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL writers queue on row locks; SQLite's single writer times out")
+    from app.db import make_engine
+    from app.workers import Workers
+
+    app, _client, _h, source = setup
+    source.send(event("member.joined", "wx-1"))
+    impatient = make_engine(engine.url.render_as_string(), busy_timeout_ms=50)
+    workers = Workers(impatient, app.state.settings, clock, app.state.metrics)
+    with engine.connect() as holder:
+        holder.begin()  # BEGIN IMMEDIATE: the write lock
+        assert workers.roll_up() == 0
+    assert "roll-up rolled back: database is locked" in caplog.text
+    assert workers.roll_up() == 2  # acquire, in version 1 and in every version
+    impatient.dispose()
