@@ -45,6 +45,19 @@ def insert_or_skip(table: Table, keys: Sequence[str], returning: Any = None) -> 
     return out
 
 
+def insert_or_add(table: Table, keys: Sequence[str], counters: Sequence[str]) -> dict[str, Any]:
+    """`INSERT … ON CONFLICT (keys) DO UPDATE SET c = c + excluded.c` for each of `counters`,
+    built once for each dialect; execute `stmt[conn.dialect.name]`. Counts kept by adding,
+    several rows in one statement."""
+    out: dict[str, Any] = {}
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
+        stmt: Any = dialect.insert(table)
+        out[name] = stmt.on_conflict_do_update(
+            index_elements=list(keys), set_={c: table.c[c] + stmt.excluded[c] for c in counters}
+        )
+    return out
+
+
 def row_json(row: Any, drop: Sequence[str] = ("tenant_id",)) -> dict[str, Any]:
     """A row as JSON-ready values: its columns but `drop`, dates and times in ISO 8601."""
     return {

@@ -74,7 +74,7 @@ def upgrade() -> None:
 
 def _backfill() -> None:
     from app.db_types import UTCDateTime
-    from app.funnels.entries import Entry, pairs_for
+    from app.funnels.entries import Entry, pair_rows, pairs_for
 
     h = sa.table(
         "stage_history",
@@ -102,12 +102,8 @@ def _backfill() -> None:
         if (r.funnel_id, r.member_id) != owner:
             owner, known = (r.funnel_id, r.member_id), {}
         entry = Entry(r.stage, r.entered_at, r.campaign)
-        for v, a, b, at, delay, campaign in pairs_for(known, r.version, [entry]):
-            out.append(
-                {"funnel_id": r.funnel_id, "member_id": r.member_id, "version": v, "a": a,
-                 "b": b, "tenant_id": r.tenant_id, "at_us": at, "delay_us": delay,
-                 "campaign": campaign, "rolled": False}
-            )
+        pairs = pairs_for(known, r.version, [entry])
+        out += pair_rows(r.tenant_id, r.funnel_id, r.member_id, pairs)
         if len(out) >= 10_000:
             conn.execute(pair.insert(), out)
             out = []

@@ -31,12 +31,12 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, select, text
-from sqlalchemy.dialects import postgresql, sqlite
 
+from app.db import insert_or_add
 from app.engine.definition import STAGES
 from app.funnels.models import StagePair, StageRollup
 
@@ -79,13 +79,14 @@ def upper(k: int) -> int | None:
     return BOUNDS[k + 1] - 1 if k + 1 < len(BOUNDS) else None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def epoch_us(moment: datetime) -> int:
     """An aware datetime as integer µs since the Unix epoch, exactly."""
-    delta = moment - datetime(1970, 1, 1, tzinfo=moment.tzinfo)
-    offset = moment.utcoffset()
-    if offset is None:
+    if moment.utcoffset() is None:
         raise ValueError("naive datetime; use aware UTC datetimes")
-    delta -= offset
+    delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
@@ -152,26 +153,21 @@ def record(
             _FIRSTS, {"b_funnel": funnel_id, "b_member": member_id, "b_version": version}
         )
     }
-    rows = pairs_for(known, version, entries)
+    rows = pair_rows(tenant_id, funnel_id, member_id, pairs_for(known, version, entries))
     if rows:
-        conn.execute(
-            _INSERT_PAIRS,
-            [
-                {
-                    "funnel_id": funnel_id,
-                    "member_id": member_id,
-                    "version": v,
-                    "a": a,
-                    "b": b,
-                    "tenant_id": tenant_id,
-                    "at_us": at,
-                    "delay_us": delay,
-                    "campaign": campaign,
-                    "rolled": False,
-                }
-                for v, a, b, at, delay, campaign in rows
-            ],
-        )
+        conn.execute(_INSERT_PAIRS, rows)
+
+
+def pair_rows(
+    tenant_id: int,
+    funnel_id: int,
+    member_id: int,
+    pairs: Iterable[tuple[int, int, int, int, int, str | None]],
+) -> list[dict[str, Any]]:
+    """`pairs_for`'s pairs as stage_pair rows, not rolled up yet."""
+    keys = ("version", "a", "b", "at_us", "delay_us", "campaign")
+    owner = {"funnel_id": funnel_id, "member_id": member_id, "tenant_id": tenant_id}
+    return [{**owner, **dict(zip(keys, p, strict=True)), "rolled": False} for p in pairs]
 
 
 # ── the roll-up ──────────────────────────────────────────────────────────────────────────────
@@ -180,19 +176,7 @@ _KEYS = ("funnel_id", "version", "a", "b", "span", "slot", "bucket")
 SPANS = (1, 24)  # the roll-up's slots: hours and days
 
 
-def _add_to_rollup() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
-        stmt = dialect.insert(rollup_t)
-        out[name] = stmt.on_conflict_do_update(
-            index_elements=list(_KEYS), set_={"n": rollup_t.c.n + stmt.excluded.n}
-        )
-    return out
-
-
-_ADD = _add_to_rollup()
-
-
+_ADD = insert_or_add(rollup_t, _KEYS, ["n"])
 _ROLLUP_COLS = (*_KEYS, "tenant_id", "n")
 
 

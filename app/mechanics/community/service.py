@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db import insert_or_skip, once_per_transaction, row_json
+from app.db import insert_or_add, insert_or_skip, once_per_transaction, row_json
 from app.engine.guards import render_template
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
@@ -262,10 +262,10 @@ def group_reward(
 
 
 # ── activity ──────────────────────────────────────────────────────────────────────────────
-def _upserts() -> tuple[dict[str, Any], dict[str, Any]]:
-    """A message's two writes, built once per dialect: the member's counters in the group
-    (joining them if the bot never said they joined) and their day's row."""
-    touch, bump = {}, {}
+def _touch() -> dict[str, Any]:
+    """A message's write of the member's counters in the group (joining them if the bot never
+    said they joined), built once per dialect."""
+    touch = {}
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
         ins: Any = dialect.insert(group_member_t)
         touch[name] = ins.on_conflict_do_update(
@@ -276,15 +276,14 @@ def _upserts() -> tuple[dict[str, Any], dict[str, Any]]:
                 "warned_at": None,
             },
         )
-        day: Any = dialect.insert(day_t)
-        bump[name] = day.on_conflict_do_update(
-            index_elements=["tenant_id", "group_id", "member_id", "day"],
-            set_={k: day_t.c[k] + day.excluded[k] for k in ("messages", "shares", "questions")},
-        )
-    return touch, bump
+    return touch
 
 
-_TOUCH, _BUMP_DAY = _upserts()
+_TOUCH = _touch()
+# The member's day row: its counters add up.
+_BUMP_DAY = insert_or_add(
+    day_t, ["tenant_id", "group_id", "member_id", "day"], ["messages", "shares", "questions"]
+)
 
 
 def is_share(data: dict[str, Any]) -> bool:
