@@ -168,6 +168,11 @@ class Workers:
         while not stop.is_set():
             try:
                 busy = await round_()
+            except OperationalError as exc:
+                # The database was busy or away (SQLite's writer lock under load, a lost
+                # connection): nothing of the round was committed; one line, and again.
+                log.warning("worker round rolled back, retrying: %s", exc.orig)
+                busy = 0
             except Exception:
                 log.exception("worker round failed; retrying")
                 busy = 0

@@ -31,6 +31,7 @@ import orjson
 from sqlalchemy import Engine, and_, exists, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
+from app.db import read_connection
 from app.events.ingest import signed_headers
 from app.observability import Metrics
 from app.outbox.service import (
@@ -175,6 +176,9 @@ class Result:
     retry_after: str | None
 
 
+_RECEIVING = select(endpoint_t.c.tenant_id).where(endpoint_t.c.disabled_at.is_(None))
+
+
 def claim(engine: Engine, now: datetime, limit: int, lease: timedelta) -> list[Claimed]:
     o, p = outbox_t, aliased(outbox_t)
     earlier_open = exists().where(
@@ -187,6 +191,14 @@ def claim(engine: Engine, now: datetime, limit: int, lease: timedelta) -> list[C
         and_(o.c.status == PENDING, o.c.next_attempt_at <= now),
         and_(o.c.status == DELIVERING, o.c.lease_until < now),
     )
+    # Only tenants with an enabled endpoint can receive. Asked first, in a read transaction:
+    # when none can (or a tenant has not set one up yet and its rows wait), the round takes
+    # no write lock (on SQLite that would stall the write path) and the scan never walks
+    # rows nobody can deliver.
+    with read_connection(engine) as conn:
+        tenants = list(conn.execute(_RECEIVING).scalars())
+    if not tenants:
+        return []
     with engine.connect() as conn, conn.begin():
         rows = conn.execute(
             select(
@@ -201,7 +213,12 @@ def claim(engine: Engine, now: datetime, limit: int, lease: timedelta) -> list[C
                 endpoint_t.c.previous_expires_at,
             )
             .join(endpoint_t, endpoint_t.c.tenant_id == o.c.tenant_id)
-            .where(due, endpoint_t.c.disabled_at.is_(None), ~earlier_open)
+            .where(
+                o.c.tenant_id.in_(tenants),
+                due,
+                endpoint_t.c.disabled_at.is_(None),
+                ~earlier_open,
+            )
             .order_by(o.c.next_attempt_at, o.c.id)
             .limit(limit)
             .with_for_update(of=o, skip_locked=True)
