@@ -12,7 +12,7 @@ import pytest
 from app.events.dispatch import apply_batch
 from app.mechanics.solitaire.schedule import due_openings
 from app.mechanics.vouchers.models import Voucher
-from tests.conftest import event
+from tests.conftest import command, event
 from tests.test_groupbuy import Shop, refused
 
 OPENS_1030 = datetime(2026, 12, 1, 2, 30, tzinfo=UTC)  # 10:30 in Shanghai
@@ -333,3 +333,44 @@ def test_a_roster_takes_names_and_a_delivery_list_takes_addresses(shop):
     assert r.status_code == 422 and r.json()["errors"][0]["path"] == "data.address"
     r = append(shop, ann, sl["id"], items=[{"sku": "noodles"}], address="B座1203")
     assert r.status_code == 200, r.text
+
+
+def test_a_burst_of_appends_updates_the_list_message_once_with_the_final_list(shop):
+    """Appends applied in one batch (group commit under load) render the list's message once,
+    after the batch's last event: the bot edits one message, so the final state says all."""
+    who = [f"w{i}" for i in range(5)]
+    for openid in who:
+        shop.login(openid)
+    sl = open_list(shop)
+    before = len(shop.outbox("update_list_message"))
+    line = {"list": sl["id"], "items": [{"sku": "veg-set", "qty": 1}]}
+    burst = [command(shop.tenant_id, "solitaire.append", w, **line) for w in who]
+    burst.insert(2, command(shop.tenant_id, "solitaire.append", "w0", list=sl["id"], items=[]))
+    replies = apply_batch(shop.engine, burst, shop.clock.now())
+    assert [r.status for r in replies] == [200, 200, 422, 200, 200, 200]  # one bad line
+    assert all("lines" not in r.body["result"]["list"] for r in replies if r.ok)  # lean answers
+    updates = [u["params"] for u in shop.outbox("update_list_message")][before:]
+    assert len(updates) == 1
+    [update] = updates
+    assert update["count"] == 5 and update["revision"] == replies[-1].body["event_id"]
+    numbered = [ln for ln in update["text"].splitlines() if ln[:1].isdigit() and ". " in ln]
+    assert [ln.split(". ")[1].split()[0] for ln in numbered] == who  # every line, in order
+
+
+def test_work_deferred_by_a_rolled_back_event_is_dropped_and_failing_work_is_skipped(engine):
+    from app.events.dispatch import BatchCache
+
+    ran: list[str] = []
+    cache = BatchCache()
+    cache.begin_event()
+    cache.defer("list", lambda conn: ran.append("kept") or 1)
+    cache.end_event()
+    cache.begin_event()  # this event fails: its savepoint rolls back, end_event never comes
+    cache.defer("list", lambda conn: ran.append("rolled back") or 1)
+    cache.begin_event()
+    cache.defer("other", lambda conn: 1 // 0)  # a bug in deferred work
+    cache.end_event()
+    with engine.connect() as conn, conn.begin():
+        assert cache.run_deferred(conn) == 1
+        assert cache.run_deferred(conn) == 0  # run once
+    assert ran == ["kept"]

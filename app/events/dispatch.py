@@ -22,7 +22,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -51,6 +51,7 @@ from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
 from app.observability import Metrics
 from app.outbox.service import delivery_id, enqueue
+from app.prepared import Prepared
 from app.timers.models import Timer
 
 log = logging.getLogger("flywheel.dispatch")
@@ -107,6 +108,9 @@ class Reply:
         return self.error is None
 
 
+Deferred = Callable[[Connection], int]  # work after the events; returns actions queued
+
+
 class BatchCache:
     """What one transaction may reuse between its events.
 
@@ -123,6 +127,10 @@ class BatchCache:
         self._members: dict[int, Any] = {}  # member id -> locked row, not yet handed out
         self._by_ref: dict[tuple[int, str], int] = {}  # (tenant, external id) -> member id
         self._instances: dict[int, dict[int, store.InstanceRow]] = {}
+        # Work for after the batch's events (Context.defer): kept per event until it ends
+        # well, so an event rolled back to its savepoint leaves nothing behind.
+        self._deferred: dict[Hashable, Deferred] = {}
+        self._staged: dict[Hashable, Deferred] = {}
 
     def open_versions(self, conn: Connection, tenant_id: int) -> list[store.VersionRef]:
         hit = self.versions.get(tenant_id)
@@ -175,6 +183,37 @@ class BatchCache:
     def drop_instances(self, member_id: int) -> None:
         self._instances.pop(member_id, None)
 
+    def begin_event(self) -> None:
+        self._staged = {}
+
+    def defer(self, key: Hashable, work: Deferred) -> None:
+        self._staged[key] = work
+
+    def end_event(self) -> None:
+        """The event applied: what it deferred stays (the latest under each key)."""
+        for key, work in self._staged.items():
+            self._deferred.pop(key, None)
+            self._deferred[key] = work
+        self._staged = {}
+
+    def run_deferred(self, conn: Connection) -> int:
+        """Run the deferred work, each under a savepoint of its own, before the commit; the
+        number of actions it queued. A failure is logged and skipped: deferred work is a
+        message about state that is stored already, and must not undo the events."""
+        n, work, self._deferred = 0, list(self._deferred.values()), {}
+        for run in work:
+            savepoint = conn.begin_nested()
+            try:
+                n += run(conn)
+            except OperationalError:
+                raise
+            except Exception:
+                savepoint.rollback()
+                log.exception("deferred work after the batch's events failed")
+                continue
+            savepoint.commit()
+        return n
+
     def forget(self) -> None:
         """After an event's savepoint rolled back: what it read may be gone with it."""
         self._members.clear()
@@ -182,9 +221,10 @@ class BatchCache:
 
 
 # Statements built once (see app.funnels.store); ON CONFLICT needs the dialect's insert.
-_CLAIM_KEY = insert_or_skip(event_t, ["tenant_id", "source", "dedupe_key"], event_t.c.id)
-_INSERT_EVENT = insert(event_t).returning(event_t.c.id)
-_RESPOND = (
+# The writes every event makes run as Prepared statements (app/prepared.py).
+_CLAIM_KEY = Prepared(insert_or_skip(event_t, ["tenant_id", "source", "dedupe_key"], event_t.c.id))
+_INSERT_EVENT = Prepared(insert(event_t).returning(event_t.c.id))
+_RESPOND = Prepared(
     update(event_t)
     .where(event_t.c.id == bindparam("b_id"))
     .values(
@@ -233,6 +273,15 @@ _DROP_TIMER = delete(timer_t).where(timer_t.c.id == bindparam("b_id"))
 
 # ── one event ─────────────────────────────────────────────────────────────────────────────
 def apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache) -> Reply:
+    """Apply one event; the caller owns the transaction (and the event's savepoint) and,
+    before committing, calls `cache.run_deferred`."""
+    cache.begin_event()
+    reply = _apply_one(conn, item, now, cache)
+    cache.end_event()
+    return reply
+
+
+def _apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache) -> Reply:
     row = {
         "tenant_id": item.tenant_id,
         "source": item.source,
@@ -244,11 +293,11 @@ def apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache)
         "data": item.data,
     }
     if item.key is not None:
-        event_id = conn.execute(_CLAIM_KEY[conn.dialect.name], row).scalar()
+        event_id = _CLAIM_KEY.scalar(conn, row)
         if event_id is None:
             return _replay(conn, item)
     else:
-        event_id = conn.execute(_INSERT_EVENT, row).scalar_one()
+        event_id = _INSERT_EVENT.scalar(conn, row)
 
     handler = command_for(item.type, item.data) if item.timer_id is None else None
     if item.timer_id is not None:
@@ -258,8 +307,8 @@ def apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache)
     else:
         body, n_actions = _step_funnels(conn, item, event_id, now, cache)
     raw = orjson.dumps(body)
-    conn.execute(
-        _RESPOND,
+    _RESPOND.run(
+        conn,
         {
             "b_id": event_id,
             "b_member": body["member"]["id"] if body["member"] else None,
@@ -436,7 +485,7 @@ def _attribute(conn: Connection, m: Any, event_type: str, data: dict[str, Any]) 
         )
 
 
-_LOG_EMITTED = insert(event_t).returning(event_t.c.id)
+_LOG_EMITTED = Prepared(insert(event_t).returning(event_t.c.id))
 
 
 def _emit_all(
@@ -468,8 +517,8 @@ def _emit_all(
         m = locked.get(emit.member_id)
         if m is None:
             m = locked[emit.member_id] = _lock_member(conn, tenant_id, emit.member_id, cache)
-        event_id = conn.execute(
-            _LOG_EMITTED,
+        event_id = _LOG_EMITTED.scalar(
+            conn,
             {
                 "tenant_id": tenant_id,
                 "source": EMITTED_SOURCE,
@@ -480,7 +529,7 @@ def _emit_all(
                 "data": emit.data,
                 "status_code": 200,
             },
-        ).scalar_one()
+        )
         results, n, more = _step_member(
             conn, tenant_id, m, emit.type, emit.data, event_id, now, cache
         )
@@ -528,6 +577,10 @@ def _run_command(
         member=member,
         member_changed=member_changed,
         versions=lambda: cache.open_versions(conn, item.tenant_id),
+        defer=lambda key, actions: cache.defer(
+            key,
+            lambda c: _enqueue_direct(c, item.tenant_id, actions(), event_id, item.type, now),
+        ),
     )
     effects = handler(ctx)
     m = actor[0] if actor and actor[0].id == effects.member_id else None
@@ -854,6 +907,9 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
                 continue
             savepoint.release()
             replies.append(reply)
+        queued = cache.run_deferred(conn)
+    if queued and replies:  # said on a reply, so the commit wakes the outbox's delivery
+        replies[-1] = replace(replies[-1], actions=replies[-1].actions + queued)
     return replies
 
 

@@ -39,6 +39,7 @@ from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, selec
 from app.db import insert_or_add
 from app.engine.definition import STAGES
 from app.funnels.models import StagePair, StageRollup
+from app.prepared import Prepared
 
 pair_t: Table = StagePair.__table__  # type: ignore[attr-defined]
 rollup_t: Table = StageRollup.__table__  # type: ignore[attr-defined]
@@ -99,13 +100,15 @@ class Entry:
     campaign: str | None
 
 
-_FIRSTS = select(pair_t.c.version, pair_t.c.a, pair_t.c.at_us, pair_t.c.campaign).where(
-    pair_t.c.funnel_id == bindparam("b_funnel"),
-    pair_t.c.member_id == bindparam("b_member"),
-    pair_t.c.version.in_([bindparam("b_version"), ALL_VERSIONS]),
-    pair_t.c.a == pair_t.c.b,
+_FIRSTS = Prepared(
+    select(pair_t.c.version, pair_t.c.a, pair_t.c.at_us, pair_t.c.campaign).where(
+        pair_t.c.funnel_id == bindparam("b_funnel"),
+        pair_t.c.member_id == bindparam("b_member"),
+        pair_t.c.version.in_([bindparam("b_version"), ALL_VERSIONS]),
+        pair_t.c.a == pair_t.c.b,
+    )
 )
-_INSERT_PAIRS = insert(pair_t)
+_INSERT_PAIRS = Prepared(insert(pair_t))
 
 
 def pairs_for(
@@ -148,14 +151,13 @@ def record(
     if not entries:
         return
     known = {
-        (r.version, r.a): (r.at_us, r.campaign)
-        for r in conn.execute(
-            _FIRSTS, {"b_funnel": funnel_id, "b_member": member_id, "b_version": version}
+        (v, a): (at_us, campaign)
+        for v, a, at_us, campaign in _FIRSTS.rows(
+            conn, {"b_funnel": funnel_id, "b_member": member_id, "b_version": version}
         )
     }
     rows = pair_rows(tenant_id, funnel_id, member_id, pairs_for(known, version, entries))
-    if rows:
-        conn.execute(_INSERT_PAIRS, rows)
+    _INSERT_PAIRS.run_many(conn, rows)
 
 
 def pair_rows(

@@ -20,6 +20,7 @@ from app.engine.state import StageChange
 from app.funnels.entries import Entry
 from app.funnels.entries import record as record_entries
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
+from app.prepared import Prepared
 from app.timers.models import Timer
 
 funnel_t: Table = Funnel.__table__  # type: ignore[attr-defined]
@@ -144,8 +145,9 @@ def _row(r: Any) -> InstanceRow:
 # for an INSERT on SQLite).
 _BY_MEMBER = _instance_query().where(instance_t.c.member_id == bindparam("b_member"))
 _BY_ID = _instance_query().where(instance_t.c.id == bindparam("b_id"))
-_INSERT_INSTANCE = insert(instance_t).returning(instance_t.c.id)
-_UPDATE_INSTANCE = (
+# The event path's writes run as Prepared statements (app/prepared.py).
+_INSERT_INSTANCE = Prepared(insert(instance_t).returning(instance_t.c.id))
+_UPDATE_INSTANCE = Prepared(
     update(instance_t)
     .where(instance_t.c.id == bindparam("b_id"))
     .values(
@@ -155,17 +157,18 @@ _UPDATE_INSTANCE = (
         }
     )
 )
-_CLOSE_STAGE = (
+_CLOSE_STAGE = Prepared(
     update(history_t)
     .where(history_t.c.instance_id == bindparam("b_instance"), history_t.c.left_at.is_(None))
     .values(left_at=bindparam("b_at"), left_by=bindparam("b_by"))
 )
-_OPEN_STAGE = insert(history_t)
-_DROP_TIMERS = delete(timer_t).where(
-    timer_t.c.instance_id == bindparam("b_instance"),
-    timer_t.c.key.in_(bindparam("b_keys", expanding=True)),
+_OPEN_STAGE = Prepared(insert(history_t))
+_DROP_TIMER = Prepared(
+    delete(timer_t).where(
+        timer_t.c.instance_id == bindparam("b_instance"), timer_t.c.key == bindparam("b_key")
+    )
 )
-_ARM_TIMERS = insert(timer_t)
+_ARM_TIMERS = Prepared(insert(timer_t))
 
 
 def member_instances(conn: Connection, member_id: int) -> dict[int, InstanceRow]:
@@ -236,14 +239,13 @@ def save_outcome(
         "updated_at": now,
     }
     if instance is None:
-        instance_id: int = conn.execute(
-            _INSERT_INSTANCE,
-            {"tenant_id": tenant_id, "funnel_id": funnel_id, "member_id": member_id, **values},
-        ).scalar_one()
+        instance_id: int = _INSERT_INSTANCE.scalar(
+            conn, {"tenant_id": tenant_id, "funnel_id": funnel_id, "member_id": member_id, **values}
+        )
     else:
         instance_id = instance.id
-        conn.execute(
-            _UPDATE_INSTANCE, {"b_id": instance_id, **{f"b_{k}": v for k, v in values.items()}}
+        _UPDATE_INSTANCE.run(
+            conn, {"b_id": instance_id, **{f"b_{k}": v for k, v in values.items()}}
         )
     record_stage_changes(
         conn,
@@ -261,11 +263,11 @@ def save_outcome(
     if touched:
         # Delete then re-insert what the final state holds: a timer armed and cancelled in
         # the same step (entered a state and left it at once) ends up with no row.
-        conn.execute(_DROP_TIMERS, {"b_instance": instance_id, "b_keys": sorted(touched)})
+        _DROP_TIMER.run_many(conn, [{"b_instance": instance_id, "b_key": k} for k in touched])
         live = [t for t in new.timers if t.key in touched]
         if live:
-            conn.execute(
-                _ARM_TIMERS,
+            _ARM_TIMERS.run_many(
+                conn,
                 [
                     {
                         "tenant_id": tenant_id,
@@ -301,13 +303,13 @@ def record_stage_changes(
     entered: list[Entry] = []
     for change in changes:
         if change.left is not None:
-            conn.execute(
-                _CLOSE_STAGE, {"b_instance": instance_id, "b_at": change.at, "b_by": event_type}
+            _CLOSE_STAGE.run(
+                conn, {"b_instance": instance_id, "b_at": change.at, "b_by": event_type}
             )
         if change.entered is not None:
             assert change.to_state is not None
-            conn.execute(
-                _OPEN_STAGE,
+            _OPEN_STAGE.run(
+                conn,
                 {
                     "tenant_id": tenant_id,
                     "funnel_id": funnel_id,

@@ -11,7 +11,7 @@ that no funnel asked for (a refund, a fulfilment).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -61,6 +61,10 @@ class Context:
     # emits see it without reading the row again.
     member_changed: Callable[[Any], None]
     versions: Callable[[], list[store.VersionRef]]
+    # `defer(key, actions)`: once every event of the transaction has run, queue the actions
+    # `actions()` returns then, once per key (the last event's wins). For messages that only
+    # need the final state, such as a solitaire list's text after a burst of appends.
+    defer: Callable[[Hashable, Callable[[], list[DirectAction]]], None]
 
 
 Handler = Callable[[Context], Effects]

@@ -198,6 +198,7 @@ def _scheduled(engine: Engine, now: datetime) -> list[Reply]:
                 reply = _try_apply(conn, item, now, cache)
                 if reply is not None and not reply.replayed:
                     replies.append(reply)
+            cache.run_deferred(conn)
             return replies
     except OperationalError as exc:
         log.warning("schedule rolled back: %s", exc.orig)
@@ -226,6 +227,7 @@ def _sweep(
                     continue
                 replies.append(reply)
                 lateness.append(max(0.0, (now - r.due).total_seconds()))
+            cache.run_deferred(conn)
     except OperationalError as exc:
         log.warning("%s sweep rolled back: %s", sweep.kind, exc.orig)
         return []

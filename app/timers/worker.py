@@ -88,6 +88,7 @@ def fire_due(
                 savepoint.commit()
                 replies.append(reply)
                 lateness.append(max(0.0, (now - r.due_at).total_seconds()))
+            cache.run_deferred(conn)
     except OperationalError as exc:
         # A deadlock or lost connection: nothing committed; the rows are claimed again.
         log.warning("timer batch rolled back: %s", exc.orig)

@@ -38,6 +38,7 @@ from app.mechanics.community.settings import PROTECTED_ROLES, GroupSettings, Mod
 from app.mechanics.rewards.campaigns import running
 from app.mechanics.rewards.grant import grant_campaign_reward
 from app.members.models import Member
+from app.prepared import Prepared
 
 group_t: Table = ChatGroup.__table__  # type: ignore[attr-defined]
 group_member_t: Table = GroupMember.__table__  # type: ignore[attr-defined]
@@ -112,14 +113,16 @@ def left(conn: Connection, tenant_id: int, group_id: str, member_id: int) -> Non
     )
 
 
+_MEMBERSHIP = select(group_member_t).where(
+    group_member_t.c.tenant_id == bindparam("b_tenant"),
+    group_member_t.c.group_id == bindparam("b_group"),
+    group_member_t.c.member_id == bindparam("b_member"),
+)
+
+
 def membership(conn: Connection, tenant_id: int, group_id: str, member_id: int) -> Any | None:
-    return conn.execute(
-        select(group_member_t).where(
-            group_member_t.c.tenant_id == tenant_id,
-            group_member_t.c.group_id == group_id,
-            group_member_t.c.member_id == member_id,
-        )
-    ).first()
+    params = {"b_tenant": tenant_id, "b_group": group_id, "b_member": member_id}
+    return conn.execute(_MEMBERSHIP, params).first()
 
 
 def is_member(conn: Connection, tenant_id: int, group_id: str, member_id: int) -> bool:
@@ -279,10 +282,12 @@ def _touch() -> dict[str, Any]:
     return touch
 
 
-_TOUCH = _touch()
+_TOUCH = Prepared(_touch())
 # The member's day row: its counters add up.
-_BUMP_DAY = insert_or_add(
-    day_t, ["tenant_id", "group_id", "member_id", "day"], ["messages", "shares", "questions"]
+_BUMP_DAY = Prepared(
+    insert_or_add(
+        day_t, ["tenant_id", "group_id", "member_id", "day"], ["messages", "shares", "questions"]
+    )
 )
 
 
@@ -306,12 +311,10 @@ def _message(
 ) -> None:
     text = str(data.get("text") or "")
     key = {"tenant_id": tenant_id, "group_id": group_id, "member_id": m.id}
-    dialect = conn.dialect.name
-    conn.execute(  # a message also shows they are in the group
-        _TOUCH[dialect], {**key, "joined_at": now, "messages": 1, "last_seen_at": now}
-    )
-    conn.execute(
-        _BUMP_DAY[dialect],
+    # a message also shows they are in the group
+    _TOUCH.run(conn, {**key, "joined_at": now, "messages": 1, "last_seen_at": now})
+    _BUMP_DAY.run(
+        conn,
         {
             **key,
             "day": now.astimezone(settings.zone if settings else DEFAULT_ZONE).date(),

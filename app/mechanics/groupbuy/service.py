@@ -22,7 +22,7 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, bindparam, select, update
 
 from app.db import insert_or_skip
 from app.engine.definition import GroupBuy
@@ -35,6 +35,7 @@ from app.mechanics.groupbuy import rules
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
+from app.prepared import Prepared
 
 team_t: Table = Team.__table__  # type: ignore[attr-defined]
 seat_t: Table = Seat.__table__  # type: ignore[attr-defined]
@@ -59,11 +60,76 @@ def team_config(conn: Connection, team: Any) -> tuple[store.VersionRef, GroupBuy
     return ref, store.compiled_version(conn, ref).definition.mechanics.groupbuy[team.campaign]
 
 
+# The statements of joining (the hot path) are built once, with parameters: building a
+# statement per call cost more than running it.
+_TEAM_BY_SHARE = (
+    select(team_t)
+    .where(team_t.c.public_id == bindparam("b_public"), team_t.c.tenant_id == bindparam("b_tenant"))
+    .with_for_update()
+)
+_TEAM_BY_ID = select(team_t).where(team_t.c.id == bindparam("b_id"))
+_CAMPAIGN_SEATS = (
+    select(seat_t, team_t.c.public_id, team_t.c.status.label("team_status"))
+    .join(team_t, team_t.c.id == seat_t.c.team_id)
+    .where(
+        seat_t.c.tenant_id == bindparam("b_tenant"),
+        seat_t.c.member_id == bindparam("b_member"),
+        seat_t.c.campaign_key == bindparam("b_campaign"),
+    )
+)
+_TAKE_SEAT = (
+    update(team_t)
+    .where(team_t.c.id == bindparam("b_id"), team_t.c.seats_taken < team_t.c.capacity)
+    .values(seats_taken=team_t.c.seats_taken + 1)
+    .returning(*team_t.c)
+)
+_NEW_SEAT = Prepared(seat_t.insert().returning(seat_t.c.id))
+_SUCCEED = (
+    update(team_t)
+    .where(team_t.c.id == bindparam("b_id"))
+    .values(
+        status=SUCCEEDED,
+        closed_at=bindparam("b_at"),
+        close_reason=bindparam("b_reason"),
+        price_fen=bindparam("b_price"),
+        virtual_seats=bindparam("b_virtual"),
+    )
+    .returning(*team_t.c)
+)
+_NOT_LIVE = Prepared(
+    update(seat_t).where(seat_t.c.team_id == bindparam("b_team")).values(live_key=None)
+)
+
+
+def _seats_query(statuses: tuple[str, ...]) -> Any:
+    return (
+        select(seat_t)
+        .where(seat_t.c.team_id == bindparam("b_team"), seat_t.c.status.in_(statuses))
+        .order_by(seat_t.c.joined_at, seat_t.c.id)
+    )
+
+
+_SEATS: dict[tuple[str, ...], Any] = {
+    s: _seats_query(s) for s in ((ACTIVE,), (HELD,), (HELD, ACTIVE))
+}
+_TEAM_MEMBERS = (
+    select(
+        seat_t.c.role,
+        seat_t.c.status,
+        seat_t.c.joined_at,
+        seat_t.c.hold_until,
+        member_t.c.nickname,
+        member_t.c.attributes,
+    )
+    .join(member_t, member_t.c.id == seat_t.c.member_id)
+    .where(seat_t.c.team_id == bindparam("b_team"), seat_t.c.status.in_([HELD, ACTIVE]))
+    .order_by(seat_t.c.joined_at, seat_t.c.id)
+)
+
+
 def _lock_team(ctx: Context, public_id: Any, path: str = "data.team") -> Any:
     team = ctx.conn.execute(
-        select(team_t)
-        .where(team_t.c.public_id == str(public_id), team_t.c.tenant_id == ctx.tenant_id)
-        .with_for_update()
+        _TEAM_BY_SHARE, {"b_public": str(public_id), "b_tenant": ctx.tenant_id}
     ).first()
     if team is None:
         message = f'no group-buy team "{public_id}"'
@@ -74,23 +140,14 @@ def _lock_team(ctx: Context, public_id: Any, path: str = "data.team") -> Any:
 
 
 def _reload(conn: Connection, team_id: int) -> Any:
-    return conn.execute(select(team_t).where(team_t.c.id == team_id)).one()
+    return conn.execute(_TEAM_BY_ID, {"b_id": team_id}).one()
 
 
 def _campaign_seats(ctx: Context, member_id: int, campaign_key: str) -> list[Any]:
     """Every seat the member ever held in the campaign, with its team's share id and status:
     one read answers "already in this team?", "in another open team?" and the limits."""
-    return list(
-        ctx.conn.execute(
-            select(seat_t, team_t.c.public_id, team_t.c.status.label("team_status"))
-            .join(team_t, team_t.c.id == seat_t.c.team_id)
-            .where(
-                seat_t.c.tenant_id == ctx.tenant_id,
-                seat_t.c.member_id == member_id,
-                seat_t.c.campaign_key == campaign_key,
-            )
-        ).all()
-    )
+    params = {"b_tenant": ctx.tenant_id, "b_member": member_id, "b_campaign": campaign_key}
+    return list(ctx.conn.execute(_CAMPAIGN_SEATS, params).all())
 
 
 def _live(seats: list[Any]) -> Any | None:
@@ -348,12 +405,7 @@ def _refuse_closed(team: Any, now: datetime) -> None:
 
 def _take_seat(ctx: Context, team: Any, cfg: GroupBuy) -> Any:
     """Take a seat if one is left; the team as it is now."""
-    taken = ctx.conn.execute(
-        update(team_t)
-        .where(team_t.c.id == team.id, team_t.c.seats_taken < team_t.c.capacity)
-        .values(seats_taken=team_t.c.seats_taken + 1)
-        .returning(*team_t.c)
-    ).first()
+    taken = ctx.conn.execute(_TAKE_SEAT, {"b_id": team.id}).first()
     if taken is None:
         raise Refused(rules.TEAM_FULL, f"team {team.public_id} is full")
     _take(ctx, team, team.funnel_id, team.campaign, cfg, seats=1)
@@ -365,19 +417,16 @@ def _put_seat(ctx: Context, team: Any, member_id: int, seat: Any, values: dict[s
     if seat is not None:
         ctx.conn.execute(update(seat_t).where(seat_t.c.id == seat.id).values(**values))
         return int(seat.id)
-    return int(
-        ctx.conn.execute(
-            seat_t.insert()
-            .values(
-                tenant_id=ctx.tenant_id,
-                team_id=team.id,
-                member_id=member_id,
-                campaign_key=_campaign_key(team.funnel_id, team.campaign),
-                **values,
-            )
-            .returning(seat_t.c.id)
-        ).scalar_one()
-    )
+    row = {
+        "tenant_id": ctx.tenant_id,
+        "team_id": team.id,
+        "member_id": member_id,
+        "campaign_key": _campaign_key(team.funnel_id, team.campaign),
+        "order_id": None,
+        "paid_fen": None,
+        **values,
+    }
+    return int(_NEW_SEAT.scalar(ctx.conn, row))
 
 
 def _confirmed(team: Any, cfg: GroupBuy) -> int:
@@ -664,13 +713,7 @@ def _confirm(
 
 
 def _seats(conn: Connection, team_id: int, statuses: tuple[str, ...]) -> list[Any]:
-    return list(
-        conn.execute(
-            select(seat_t)
-            .where(seat_t.c.team_id == team_id, seat_t.c.status.in_(statuses))
-            .order_by(seat_t.c.joined_at, seat_t.c.id)
-        ).all()
-    )
+    return list(conn.execute(_SEATS[statuses], {"b_team": team_id}).all())
 
 
 def _succeed(
@@ -678,18 +721,16 @@ def _succeed(
 ) -> Any:
     """Close the team as succeeded; the closed team."""
     team = ctx.conn.execute(
-        update(team_t)
-        .where(team_t.c.id == team.id)
-        .values(
-            status=SUCCEEDED,
-            closed_at=ctx.now,
-            close_reason=settlement.reason,
-            price_fen=settlement.price_fen,
-            virtual_seats=settlement.virtual_seats,
-        )
-        .returning(*team_t.c)
+        _SUCCEED,
+        {
+            "b_id": team.id,
+            "b_at": ctx.now,
+            "b_reason": settlement.reason,
+            "b_price": settlement.price_fen,
+            "b_virtual": settlement.virtual_seats,
+        },
     ).one()
-    ctx.conn.execute(update(seat_t).where(seat_t.c.team_id == team.id).values(live_key=None))
+    _NOT_LIVE.run(ctx.conn, {"b_team": team.id})
     _closing_counters(ctx, team, cfg, succeeded=True)
     source = f"groupbuy.{team.campaign}"
     for seat in _seats(ctx.conn, team.id, (ACTIVE,)):
@@ -811,19 +852,7 @@ def team_json(conn: Connection, team: Any, now: datetime) -> dict[str, Any]:
     """A team's live state, as anyone holding its share sees it: no member ids."""
     ref = store.version_ref(conn, team.version_id)
     cfg = store.compiled_version(conn, ref).definition.mechanics.groupbuy[team.campaign]
-    members = conn.execute(
-        select(
-            seat_t.c.role,
-            seat_t.c.status,
-            seat_t.c.joined_at,
-            seat_t.c.hold_until,
-            member_t.c.nickname,
-            member_t.c.attributes,
-        )
-        .join(member_t, member_t.c.id == seat_t.c.member_id)
-        .where(seat_t.c.team_id == team.id, seat_t.c.status.in_([HELD, ACTIVE]))
-        .order_by(seat_t.c.joined_at, seat_t.c.id)
-    ).all()
+    members = conn.execute(_TEAM_MEMBERS, {"b_team": team.id}).all()
     return {
         "id": team.public_id,
         "share_path": SHARE_PATH + team.public_id,

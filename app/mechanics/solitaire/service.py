@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, bindparam, select, update
 
 from app.engine.definition import Solitaire
 from app.engine.paths import pydantic_loc_to_path
@@ -32,6 +32,7 @@ from app.mechanics.rewards.grant import grant_reward
 from app.mechanics.solitaire import parse, rules
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
 from app.members.models import Member
+from app.prepared import Prepared
 
 list_t: Table = SolitaireList.__table__  # type: ignore[attr-defined]
 line_t: Table = SolitaireLine.__table__  # type: ignore[attr-defined]
@@ -140,11 +141,45 @@ def open_due(ctx: Context) -> Effects:
 
 
 # ── entries ───────────────────────────────────────────────────────────────────────────────
+# The statements of appending (the hot path) are built once, with parameters: building a
+# statement per call cost more than running it.
+_LIST_BY_SHARE = (
+    select(list_t)
+    .where(list_t.c.public_id == bindparam("b_public"), list_t.c.tenant_id == bindparam("b_tenant"))
+    .with_for_update()
+)
+_LIST_BY_ID = select(list_t).where(list_t.c.id == bindparam("b_id"))
+_MEMBER_LINES = select(line_t).where(
+    line_t.c.list_id == bindparam("b_list"),
+    line_t.c.member_id == bindparam("b_member"),
+    line_t.c.status == LIVE,
+)
+_RESERVE = Prepared(
+    update(stock_t)
+    .where(
+        stock_t.c.list_id == bindparam("b_list"),
+        stock_t.c.sku == bindparam("b_sku"),
+        (stock_t.c.stock.is_(None)) | (stock_t.c.reserved + bindparam("b_qty") <= stock_t.c.stock),
+    )
+    .values(reserved=stock_t.c.reserved + bindparam("b_qty"))
+)
+_STOCK_LEFT = Prepared(
+    select(stock_t.c.sku, stock_t.c.stock, stock_t.c.reserved).where(
+        stock_t.c.list_id == bindparam("b_list")
+    )
+)
+_NEXT_SEQ = Prepared(
+    update(list_t)
+    .where(list_t.c.id == bindparam("b_list"))
+    .values(last_seq=list_t.c.last_seq + 1)
+    .returning(list_t.c.last_seq)
+)
+_NEW_LINE = Prepared(line_t.insert())
+
+
 def _lock(ctx: Context, public_id: Any) -> Any:
     sl = ctx.conn.execute(
-        select(list_t)
-        .where(list_t.c.public_id == str(public_id), list_t.c.tenant_id == ctx.tenant_id)
-        .with_for_update()
+        _LIST_BY_SHARE, {"b_public": str(public_id), "b_tenant": ctx.tenant_id}
     ).first()
     if sl is None:
         raise NotFound(f'no solitaire list "{public_id}"')
@@ -152,7 +187,7 @@ def _lock(ctx: Context, public_id: Any) -> Any:
 
 
 def _get(conn: Connection, list_id: int) -> Any:
-    return conn.execute(select(list_t).where(list_t.c.id == list_id)).one()
+    return conn.execute(_LIST_BY_ID, {"b_id": list_id}).one()
 
 
 def _menu(sl: Any) -> dict[str, dict[str, Any]]:
@@ -162,12 +197,10 @@ def _menu(sl: Any) -> dict[str, dict[str, Any]]:
 def _member_lines(
     conn: Connection, list_id: int, member_id: int, but: int | None = None
 ) -> list[Any]:
-    q = select(line_t).where(
-        line_t.c.list_id == list_id, line_t.c.member_id == member_id, line_t.c.status == LIVE
-    )
+    q = _MEMBER_LINES
     if but is not None:
         q = q.where(line_t.c.id != but)
-    return list(conn.execute(q).all())
+    return list(conn.execute(q, {"b_list": list_id, "b_member": member_id}).all())
 
 
 def _priced(sl: Any, data: dict[str, Any]) -> rules.Priced:
@@ -188,16 +221,9 @@ def _priced(sl: Any, data: dict[str, Any]) -> rules.Priced:
 def _reserve(ctx: Context, sl: Any, items: list[dict[str, Any]], sign: int) -> None:
     """Reserve (sign=1) or release (sign=-1) stock; a shortfall is a 409 with what remains."""
     for i in items:
-        qty = sign * i["qty"]
-        took = ctx.conn.execute(
-            update(stock_t)
-            .where(
-                stock_t.c.list_id == sl.id,
-                stock_t.c.sku == i["sku"],
-                (stock_t.c.stock.is_(None)) | (stock_t.c.reserved + qty <= stock_t.c.stock),
-            )
-            .values(reserved=stock_t.c.reserved + qty)
-        ).rowcount
+        took = _RESERVE.run(
+            ctx.conn, {"b_list": sl.id, "b_sku": i["sku"], "b_qty": sign * i["qty"]}
+        )
         if not took:
             left = _available(ctx.conn, sl)
             raise Refused(
@@ -212,10 +238,8 @@ def _reserve(ctx: Context, sl: Any, items: list[dict[str, Any]], sign: int) -> N
 
 def _available(conn: Connection, sl: Any) -> dict[str, int]:
     """What is left of each stocked item (items without stock are unlimited, not listed)."""
-    rows = conn.execute(
-        select(stock_t.c.sku, stock_t.c.stock, stock_t.c.reserved).where(stock_t.c.list_id == sl.id)
-    ).all()
-    return {r.sku: r.stock - r.reserved for r in rows if r.stock is not None}
+    rows = _STOCK_LEFT.rows(conn, {"b_list": sl.id})
+    return {sku: stock - reserved for sku, stock, reserved in rows if stock is not None}
 
 
 def _check_open(sl: Any, now: datetime, *, joining: bool) -> None:
@@ -232,7 +256,9 @@ def append(ctx: Context) -> Effects:
     sl = _lock(ctx, ctx.data["list"])
     m = ctx.member()
     effects = _append(ctx, sl, m, ctx.data)
-    effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id))
+    # The list without its lines (GET the list for them): an answer that carried every
+    # line grew with the list, and so did the event log row that keeps it.
+    effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id), with_lines=False)
     return effects
 
 
@@ -252,28 +278,24 @@ def _append(ctx: Context, sl: Any, m: Any, data: dict[str, Any]) -> Effects:
     if refusal is not None:
         raise Refused(*refusal)
     _reserve(ctx, sl, priced.items, 1)
-    seq = ctx.conn.execute(
-        update(list_t)
-        .where(list_t.c.id == sl.id)
-        .values(last_seq=list_t.c.last_seq + 1)
-        .returning(list_t.c.last_seq)
-    ).scalar_one()
-    ctx.conn.execute(
-        line_t.insert().values(
-            tenant_id=ctx.tenant_id,
-            list_id=sl.id,
-            seq=seq,
-            member_id=m.id,
-            on_behalf_of=data.get("on_behalf_of"),
-            items=priced.items,
-            note=data.get("note"),
-            pickup=data.get("pickup"),
-            address=data.get("address"),
-            total_fen=priced.total_fen,
-            status=LIVE,
-            created_at=ctx.now,
-            updated_at=ctx.now,
-        )
+    seq = _NEXT_SEQ.scalar(ctx.conn, {"b_list": sl.id})
+    _NEW_LINE.run(
+        ctx.conn,
+        {
+            "tenant_id": ctx.tenant_id,
+            "list_id": sl.id,
+            "seq": seq,
+            "member_id": m.id,
+            "on_behalf_of": data.get("on_behalf_of"),
+            "items": priced.items,
+            "note": data.get("note"),
+            "pickup": data.get("pickup"),
+            "address": data.get("address"),
+            "total_fen": priced.total_fen,
+            "status": LIVE,
+            "created_at": ctx.now,
+            "updated_at": ctx.now,
+        },
     )
     effects = Effects(m.id, {"outcome": "appended", "line": seq})
     left = _available(ctx.conn, sl)
@@ -321,12 +343,19 @@ def reply(ctx: Context) -> Effects:
     attempt.commit()
     effects.emits.extend(appended.emits)
     effects.actions.extend(appended.actions)
-    effects.result = {**appended.result, "list": list_json(ctx.conn, _get(ctx.conn, sl.id))}
+    effects.result = {
+        **appended.result,
+        "list": list_json(ctx.conn, _get(ctx.conn, sl.id), with_lines=False),
+    }
     return effects
 
 
 def announced(handler: Handler) -> Handler:
-    """The handler, followed by the bot's list message when it changed a list."""
+    """The handler, followed by the bot's list message when it changed a list. The message
+    is rendered once per transaction, after its last event (`Context.defer`): the text holds
+    every line, so rendering it for each of a burst of appends made an append cost grow with
+    the list (a 2,500-line list took 140 ms per append). The bot edits one message per list
+    and skips stale revisions, so one update with the final state says all."""
 
     def run(ctx: Context) -> Effects:
         effects = handler(ctx)
@@ -335,7 +364,7 @@ def announced(handler: Handler) -> Handler:
             row = ctx.conn.execute(
                 select(list_t.c.id).where(list_t.c.public_id == changed["id"])
             ).scalar_one()
-            announce(ctx, row, effects, changed.get("lines"))
+            ctx.defer(("solitaire", row), lambda: [announcement(ctx, row)])
         return effects
 
     run.__doc__ = handler.__doc__
@@ -345,16 +374,12 @@ def announced(handler: Handler) -> Handler:
 QUIET = frozenset({"nothing_due", "no_open_list", "not_understood", "refused"})
 
 
-def announce(
-    ctx: Context, list_id: int, effects: Effects, lines: list[dict[str, Any]] | None = None
-) -> None:
+def announcement(ctx: Context, list_id: int) -> DirectAction:
     """Ask the bot to post (or edit) the group's list message: the text, `count` live orders
     of `capacity` (the stock, when every item has one) and the state. One `message_key` per
-    list, and a rising `revision`, so the bot edits one message and skips stale updates.
-    `lines`: the list's lines as the handler just read them (`list_json`), if it did."""
+    list, and a rising `revision`, so the bot edits one message and skips stale updates."""
     sl = _get(ctx.conn, list_id)
-    if lines is None:
-        lines = lines_of(ctx.conn, sl.id)
+    lines = lines_of(ctx.conn, sl.id)
     stocks = [i.get("stock") for i in sl.items]
     capacity = sum(stocks) if stocks and all(n is not None for n in stocks) else None
     count = sum(1 for x in lines if x["status"] == LIVE)
@@ -368,7 +393,7 @@ def announce(
         "capacity": capacity,
         "text": rules.render_text(sl._mapping, lines, "zh"),
     }
-    effects.actions.append(DirectAction(None, "update_list_message", params, "solitaire"))
+    return DirectAction(None, "update_list_message", params, "solitaire")
 
 
 def _tell(effects: Effects, member_id: int, sl: Any, text: str) -> None:
@@ -418,7 +443,7 @@ def change(ctx: Context) -> Effects:
         {
             "outcome": "changed",
             "line": line.seq,
-            "list": list_json(ctx.conn, _get(ctx.conn, sl.id)),
+            "list": list_json(ctx.conn, _get(ctx.conn, sl.id), with_lines=False),
         },
     )
 
@@ -438,7 +463,7 @@ def withdraw(ctx: Context) -> Effects:
         {
             "outcome": "withdrawn",
             "line": line.seq,
-            "list": list_json(ctx.conn, _get(ctx.conn, sl.id)),
+            "list": list_json(ctx.conn, _get(ctx.conn, sl.id), with_lines=False),
         },
     )
 
@@ -609,8 +634,8 @@ def lines_of(conn: Connection, list_id: int) -> list[dict[str, Any]]:
 
 def list_json(conn: Connection, sl: Any, with_lines: bool = True) -> dict[str, Any]:
     left = {
-        r.sku: (None if r.stock is None else r.stock - r.reserved)
-        for r in conn.execute(select(stock_t).where(stock_t.c.list_id == sl.id)).all()
+        sku: (None if stock is None else stock - reserved)
+        for sku, stock, reserved in _STOCK_LEFT.rows(conn, {"b_list": sl.id})
     }
     out: dict[str, Any] = {
         "id": sl.public_id,

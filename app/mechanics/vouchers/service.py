@@ -7,11 +7,12 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, bindparam, select, update
 
 from app.db import insert_or_skip
 from app.errors import NotFound, Refused
 from app.mechanics.vouchers.models import Voucher
+from app.prepared import Prepared
 
 voucher_t: Table = Voucher.__table__  # type: ignore[attr-defined]
 
@@ -35,7 +36,10 @@ def normalize(code: str) -> str:
     return code.replace("-", "").replace(" ", "").upper()
 
 
-_INSERTS = insert_or_skip(voucher_t, ["tenant_id", "origin"], voucher_t.c.id)
+_INSERTS = Prepared(insert_or_skip(voucher_t, ["tenant_id", "origin"], voucher_t.c.id))
+_BY_ORIGIN = select(voucher_t).where(
+    voucher_t.c.tenant_id == bindparam("b_tenant"), voucher_t.c.origin == bindparam("b_origin")
+)
 
 
 def issue(
@@ -55,8 +59,8 @@ def issue(
 ) -> tuple[Any, bool]:
     """Issue one voucher for `origin`, or return the one it already issued.
     Returns (row, created)."""
-    inserted = conn.execute(
-        _INSERTS[conn.dialect.name],
+    inserted = _INSERTS.scalar(
+        conn,
         {
             "tenant_id": tenant_id,
             "member_id": member_id,
@@ -72,10 +76,8 @@ def issue(
             "issued_at": now,
             "expires_at": now + valid_for,
         },
-    ).first()
-    row = conn.execute(
-        select(voucher_t).where(voucher_t.c.tenant_id == tenant_id, voucher_t.c.origin == origin)
-    ).one()
+    )
+    row = conn.execute(_BY_ORIGIN, {"b_tenant": tenant_id, "b_origin": origin}).one()
     return row, inserted is not None
 
 

@@ -1,0 +1,125 @@
+"""Prepared statements (app/prepared.py) store exactly what `Connection.execute` stores, on
+both databases, and fail the way it fails."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, delete, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from app.events.models import EventLog
+from app.mechanics.community.models import GroupMember
+from app.members.models import Member
+from app.prepared import Prepared
+from app.timers.models import Timer
+from tests.conftest import new_tenant
+from tests.test_write_path import counted
+
+event_t: Table = EventLog.__table__  # type: ignore[attr-defined]
+member_t: Table = Member.__table__  # type: ignore[attr-defined]
+group_member_t: Table = GroupMember.__table__  # type: ignore[attr-defined]
+timer_t: Table = Timer.__table__  # type: ignore[attr-defined]
+
+BEIJING = timezone(timedelta(hours=8))
+
+
+def _event(tenant_id: int, key: str, at: datetime) -> dict[str, object]:
+    return {
+        "tenant_id": tenant_id,
+        "source": "bot",
+        "dedupe_key": key,
+        "digest": "d",
+        "type": "message.posted",
+        "occurred_at": at,
+        "received_at": at,
+        "data": {"text": '你好 "quoted"', "n": [1, None, 2.5], "none": None},
+    }
+
+
+def test_a_prepared_insert_stores_what_connection_execute_stores(engine):
+    tenant_id, _ = new_tenant(engine)
+    at = datetime(2026, 11, 23, 20, 15, 30, 123456, tzinfo=BEIJING)  # not UTC, microseconds
+    prepared = Prepared(insert(event_t).returning(event_t.c.id))
+    with engine.begin() as conn:
+        via_core = conn.execute(
+            insert(event_t).returning(event_t.c.id), _event(tenant_id, "core", at)
+        ).scalar_one()
+        via_prepared = prepared.scalar(conn, _event(tenant_id, "prepared", at))
+    assert isinstance(via_prepared, int) and via_prepared != via_core
+    with engine.connect() as conn:
+        rows = {
+            r.dedupe_key: r._asdict()
+            for r in conn.execute(select(event_t).where(event_t.c.tenant_id == tenant_id))
+        }
+    core, mine = rows["core"], rows["prepared"]
+    for r in (core, mine):
+        del r["id"], r["dedupe_key"]
+    assert mine == core
+    assert mine["occurred_at"] == at and mine["occurred_at"].tzinfo is not None
+    assert mine["data"]["text"] == '你好 "quoted"'
+
+
+def test_updates_selects_and_many_rows(engine):
+    tenant_id, _ = new_tenant(engine)
+    at = datetime(2026, 11, 23, 12, tzinfo=UTC)
+    respond = Prepared(
+        event_t.update()
+        .where(event_t.c.id == bindparam("b_id"))
+        .values(status_code=200, response=bindparam("b_response"))
+    )
+    keys = Prepared(
+        select(event_t.c.dedupe_key, event_t.c.status_code)
+        .where(event_t.c.tenant_id == bindparam("b_tenant"))
+        .order_by(event_t.c.dedupe_key)
+    )
+    with engine.begin() as conn:
+        Prepared(insert(event_t)).run_many(conn, [_event(tenant_id, k, at) for k in "abc"])
+        first = conn.execute(select(event_t.c.id).where(event_t.c.dedupe_key == "a")).scalar()
+        assert respond.run(conn, {"b_id": first, "b_response": "{}"}) == 1
+        assert respond.run(conn, {"b_id": -1, "b_response": "{}"}) == 0
+        assert keys.rows(conn, {"b_tenant": tenant_id}) == [("a", 200), ("b", None), ("c", None)]
+        Prepared(insert(event_t)).run_many(conn, [])  # nothing to write: no statement
+
+
+def test_a_constant_column_default_is_filled_in_as_sqlalchemy_would(engine):
+    tenant_id, _ = new_tenant(engine)
+    now = datetime(2026, 11, 23, tzinfo=UTC)
+    with engine.begin() as conn:
+        member_id = conn.execute(
+            insert(member_t).returning(member_t.c.id),
+            {"tenant_id": tenant_id, "external_id": "m-1", "attributes": {}, "created_at": now},
+        ).scalar_one()
+        Prepared(insert(group_member_t)).run(
+            conn,
+            {"tenant_id": tenant_id, "group_id": "g1", "member_id": member_id, "joined_at": now},
+        )
+        row = conn.execute(select(group_member_t)).one()
+    assert (row.role, row.messages, row.warned_at) == ("member", 0, None)
+
+
+def test_what_it_cannot_do_is_refused_before_anything_runs(engine):
+    computed = Table(
+        "computed",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("tag", String, default=lambda: "made"),
+    )
+    expanding = delete(timer_t).where(timer_t.c.key.in_(bindparam("b_keys", expanding=True)))
+    with engine.begin() as conn:
+        with pytest.raises(TypeError, match="pass tag"):
+            Prepared(insert(computed)).run(conn, {"id": 1})
+        with pytest.raises(TypeError, match="IN lists"):
+            Prepared(expanding).run(conn, {"b_keys": ["a"]})
+
+
+def test_driver_errors_are_sqlalchemys_and_listeners_see_every_statement(engine):
+    tenant_id, _ = new_tenant(engine)
+    at = datetime(2026, 11, 23, tzinfo=UTC)
+    add = Prepared(insert(event_t))
+    with engine.connect() as conn, conn.begin(), counted(engine) as seen:
+        add.run(conn, _event(tenant_id, "once", at))
+        with pytest.raises(IntegrityError):
+            add.run(conn, _event(tenant_id, "once", at))  # the same idempotency key
+    assert seen["INSERT event"] == 2
