@@ -16,13 +16,15 @@ def test_migrations_have_no_drift_from_the_models(engine):
     assert drift(engine) == []
 
 
-def test_sqlite_runs_in_wal_with_foreign_keys(engine):
+def test_sqlite_runs_in_wal_with_foreign_keys_and_a_roomy_checkpoint(engine):
     if engine.dialect.name != "sqlite":
         pytest.skip("SQLite pragmas; PostgreSQL has none")
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 5000
+        assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 10000
+        assert conn.execute(text("PRAGMA journal_size_limit")).scalar() == 64 * 1024 * 1024
 
 
 def test_published_json_schema_is_generated_from_the_models():

@@ -602,6 +602,9 @@ def _direct_actions(
     return _enqueue_direct(conn, item.tenant_id, effects.actions, event_id, item.type, now)
 
 
+_EXTERNAL_ID = Prepared(select(member_t.c.external_id).where(member_t.c.id == bindparam("b_id")))
+
+
 def _enqueue_direct(
     conn: Connection,
     tenant_id: int,
@@ -614,11 +617,7 @@ def _enqueue_direct(
     n = 0
     for a in actions:
         external_id = (
-            conn.execute(
-                select(member_t.c.external_id).where(member_t.c.id == a.member_id)
-            ).scalar_one()
-            if a.member_id is not None
-            else None
+            _EXTERNAL_ID.scalar(conn, {"b_id": a.member_id}) if a.member_id is not None else None
         )
         planned = PlannedAction(a.type, a.params, a.source, "send", now)
         n += len(
