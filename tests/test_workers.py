@@ -253,6 +253,23 @@ def test_no_action_is_lost_without_an_endpoint(setup, engine, clock, receiver):
     assert deliver(app) == 1 and count(engine, Outbox, Outbox.status == "delivered") == 1
 
 
+def test_a_round_with_nowhere_to_deliver_takes_no_write_lock(setup, engine, clock):
+    """Pending actions of a tenant without an endpoint must not make every delivery round
+    take SQLite's write lock (it woke after each commit under load and stalled the writer)."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's single write lock; PostgreSQL claims with SKIP LOCKED")
+    from app.db import make_engine
+    from app.outbox.delivery import claim
+
+    _app, _client, _h, source = setup
+    source.send(event("member.joined", "wx-1"))
+    impatient = make_engine(engine.url.render_as_string(hide_password=False), busy_timeout_ms=0)
+    with engine.connect() as writer, writer.begin():  # BEGIN IMMEDIATE: the write lock, held
+        assert claim(impatient, clock.now(), 50, timedelta(minutes=2)) == []
+    impatient.dispose()
+    assert count(engine, Outbox, Outbox.status == "pending") == 1
+
+
 def test_private_action_urls_are_refused_in_production(engine, clock):
     from app.main import create_app
     from tests.conftest import settings_for
