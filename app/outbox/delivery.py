@@ -180,6 +180,14 @@ _RECEIVING = select(endpoint_t.c.tenant_id).where(endpoint_t.c.disabled_at.is_(N
 
 
 def claim(engine: Engine, now: datetime, limit: int, lease: timedelta) -> list[Claimed]:
+    # Only tenants with an enabled endpoint can receive. Asked first, in a read transaction:
+    # when none can (or a tenant has not set one up yet and its rows wait), the round takes
+    # no write lock (on SQLite that would stall the write path) and the scan never walks
+    # rows nobody can deliver.
+    with read_connection(engine) as conn:
+        tenants = list(conn.execute(_RECEIVING).scalars())
+    if not tenants:
+        return []
     o, p = outbox_t, aliased(outbox_t)
     earlier_open = exists().where(
         p.c.tenant_id == o.c.tenant_id,
@@ -191,14 +199,6 @@ def claim(engine: Engine, now: datetime, limit: int, lease: timedelta) -> list[C
         and_(o.c.status == PENDING, o.c.next_attempt_at <= now),
         and_(o.c.status == DELIVERING, o.c.lease_until < now),
     )
-    # Only tenants with an enabled endpoint can receive. Asked first, in a read transaction:
-    # when none can (or a tenant has not set one up yet and its rows wait), the round takes
-    # no write lock (on SQLite that would stall the write path) and the scan never walks
-    # rows nobody can deliver.
-    with read_connection(engine) as conn:
-        tenants = list(conn.execute(_RECEIVING).scalars())
-    if not tenants:
-        return []
     with engine.connect() as conn, conn.begin():
         rows = conn.execute(
             select(

@@ -149,6 +149,7 @@ _LIST_BY_SHARE = (
     .with_for_update()
 )
 _LIST_BY_ID = select(list_t).where(list_t.c.id == bindparam("b_id"))
+_LIST_ID = select(list_t.c.id).where(list_t.c.public_id == bindparam("b_public"))
 _MEMBER_LINES = select(line_t).where(
     line_t.c.list_id == bindparam("b_list"),
     line_t.c.member_id == bindparam("b_member"),
@@ -361,9 +362,7 @@ def announced(handler: Handler) -> Handler:
         effects = handler(ctx)
         changed = effects.result.get("list")
         if changed is not None and effects.result.get("outcome") not in QUIET:
-            row = ctx.conn.execute(
-                select(list_t.c.id).where(list_t.c.public_id == changed["id"])
-            ).scalar_one()
+            row = ctx.conn.execute(_LIST_ID, {"b_public": changed["id"]}).scalar_one()
             ctx.defer(("solitaire", row), lambda: [announcement(ctx, row)])
         return effects
 
