@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # (None: 1 on SQLite, which has one writer anyway; 2 on PostgreSQL).
     dispatch_max_batch: int = Field(default=256, ge=1)
     dispatch_writers: int | None = Field(default=None, ge=1, le=32)
+    # Where the writers run: a process each beside the HTTP process (so the service uses a
+    # core for HTTP and one per writer), or a thread each inside it (one core for all).
+    dispatch_mode: Literal["process", "thread"] = "process"
 
     # Background work: timers, outbound deliveries, pruning. "off" when another process
     # runs `flywheel worker`.

@@ -70,6 +70,12 @@ def row_json(row: Any, drop: Sequence[str] = ("tenant_id",)) -> dict[str, Any]:
 metadata.naming_convention = NAMING_CONVENTION
 
 
+def in_memory(url: str) -> bool:
+    """A database that lives only in this process's memory (SQLite's `:memory:`)."""
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+
 def make_engine(
     url: str,
     *,
@@ -80,9 +86,8 @@ def make_engine(
 ) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if not in_memory(url):
+            Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
             echo=echo,

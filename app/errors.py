@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,18 @@ class DomainError(Exception):
         self.detail = detail
         self.errors = errors or []
         self.headers = headers or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled whole (the writer process answers with these): subclasses take other
+        # arguments than their `args`, and the code, errors and headers live on the instance.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[DomainError], args: tuple[Any, ...], state: dict[str, Any]) -> DomainError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class NotFound(DomainError):

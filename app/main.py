@@ -33,11 +33,12 @@ from app.api.member import me, session
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.console import routes as console
-from app.db import make_engine
+from app.db import in_memory, make_engine
 from app.engine.definition import FunnelDefinition
 from app.events.dispatch import Dispatcher
 from app.events.schemas import openapi_components
 from app.events.sources import SourceCache
+from app.events.writer import WriterProcess
 from app.limits import BodyLimitMiddleware, RateLimiter
 from app.observability import Metrics, RequestLogMiddleware, configure_logging
 from app.workers import Workers
@@ -53,6 +54,7 @@ def create_app(
     settings: Settings | None = None, *, clock: Clock | None = None, engine: Engine | None = None
 ) -> FastAPI:
     settings = settings or get_settings()
+    own_engine = engine is None  # a writer process can open its own only from the settings
     engine = engine or make_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,
@@ -70,11 +72,13 @@ def create_app(
         writers=settings.writers,
         max_batch=settings.dispatch_max_batch,
         on_commit=lambda replies: workers.notify() if any(r.actions for r in replies) else None,
+        lanes=_writer_processes(settings) if own_engine else None,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
+        dispatcher.open()
         stop = asyncio.Event()
         task = asyncio.create_task(workers.run(stop)) if settings.workers == "on" else None
         try:
@@ -134,6 +138,14 @@ def create_app(
     app.add_middleware(RequestLogMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _writer_processes(settings: Settings) -> list[WriterProcess] | None:
+    """A writer process per lane, unless told to write in this process (or the database
+    lives only in this process's memory)."""
+    if settings.dispatch_mode != "process" or in_memory(settings.database_url):
+        return None
+    return [WriterProcess(settings, f"flywheel-writer-{i}") for i in range(settings.writers)]
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -134,6 +136,32 @@ class Burst:
         return thread
 
 
+def children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in os.listdir(f"/proc/{pid}/task")
+        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited, and waits for its new parent to reap it
+
+
+def gone(pids: list[int], within: float) -> bool:
+    """Whether every one of these processes exits within `within` seconds."""
+    deadline = time.monotonic() + within
+    while any(_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def stored(t: Tenant) -> set[str]:
     with t.engine.connect() as conn:
         rows = conn.execute(
@@ -165,12 +193,15 @@ def test_kill_9_mid_burst_loses_nothing_acknowledged_and_applies_each_event_once
         deadline = time.monotonic() + 60
         while len(burst.acked) < 300 and time.monotonic() < deadline:
             time.sleep(0.005)
+        writers = children(proc.pid)  # the writer process (and multiprocessing's tracker)
         proc.kill()  # SIGKILL: no shutdown hooks, no last commit
         proc.wait()
         thread.join(60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert writers, "the service wrote in its own process, not in a writer process"
+    assert gone(writers, within=30), "a writer process outlived the service"
     acked = set(burst.acked)
     assert 300 <= len(acked) < len(items), "the kill did not land mid-burst"
     assert burst.statuses.keys() == {200}, burst.statuses

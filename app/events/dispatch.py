@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
@@ -923,6 +923,44 @@ class WritePathError(DomainError):
         super().__init__(f"the event was not applied and nothing of it was stored ({cause})")
 
 
+class Lane(Protocol):
+    """Applies one lane's batches in order: `apply_batch`, here or elsewhere. `apply`
+    answers the batch's replies and the number of events committed in their transaction
+    (more than the batch when the lane merged batches)."""
+
+    pipelined: bool  # takes the next batch before the last one committed (and merges them)
+
+    def open(self) -> None: ...
+
+    async def apply(self, items: Sequence[Inbound], now: datetime) -> tuple[list[Reply], int]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcess:
+    """A lane applied in this process, by a thread of its own."""
+
+    pipelined = False
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="flywheel-writer")
+
+    def open(self) -> None:
+        pass
+
+    async def apply(self, items: Sequence[Inbound], now: datetime) -> tuple[list[Reply], int]:
+        loop = asyncio.get_running_loop()
+        replies = await loop.run_in_executor(self._executor, apply_batch, self.engine, items, now)
+        return replies, len(items)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+_Queued = tuple[Inbound, "asyncio.Future[Reply]", float]  # the item, its caller, when queued
+
+
 class Dispatcher:
     """Group commit in front of `apply_batch` (see the module docstring)."""
 
@@ -935,19 +973,27 @@ class Dispatcher:
         writers: int = 1,
         max_batch: int = 256,
         on_commit: Callable[[Sequence[Reply]], None] | None = None,
+        lanes: Sequence[Lane] | None = None,
     ) -> None:
         self.engine, self.clock, self.metrics = engine, clock, metrics
         self.max_batch = max_batch
         self.on_commit = on_commit
-        self._queues: list[deque[tuple[Inbound, asyncio.Future[Reply], float]]] = [
-            deque() for _ in range(writers)
-        ]
-        self._busy = [False] * writers
-        self._executor = ThreadPoolExecutor(writers, thread_name_prefix="flywheel-writer")
+        # Where each lane's batches are applied: in this process (a thread each), or by a
+        # writer process each (app.events.writer).
+        self.lanes: list[Lane] = (
+            list(lanes) if lanes else [InProcess(engine) for _ in range(writers)]
+        )
+        self._queues: list[deque[_Queued]] = [deque() for _ in self.lanes]
+        self._busy = [False] * len(self.lanes)
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def open(self) -> None:
+        for lane in self.lanes:
+            lane.open()
+
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        for lane in self.lanes:
+            lane.close()
 
     async def submit(self, item: Inbound) -> Reply:
         loop = asyncio.get_running_loop()
@@ -968,39 +1014,47 @@ class Dispatcher:
         return zlib.crc32(f"{item.tenant_id}:{who}".encode()) % len(self._queues)
 
     async def _drain(self, lane: int) -> None:
-        loop = asyncio.get_running_loop()
-        queue = self._queues[lane]
+        """Hand the lane's queue over, a batch at a time. A lane that merges batches itself
+        (a writer process) is handed what queued so far without waiting for its commit;
+        otherwise the queue that builds while one batch commits is the next batch."""
+        queue, applier = self._queues[lane], self.lanes[lane]
         try:
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
-                items = [b[0] for b in batch]
-                try:
-                    replies = await loop.run_in_executor(
-                        self._executor, apply_batch, self.engine, items, self.clock.now()
-                    )
-                except Exception as exc:
-                    if isinstance(exc, OperationalError):  # an outage: one line, not a trace
-                        log.warning(  # per batch (each of its callers gets a 503)
-                            "database unavailable: a batch of %d events was not applied (%s)",
-                            len(batch),
-                            type(exc.orig).__name__,
-                        )
-                    else:
-                        log.exception("a batch of %d events failed to commit", len(batch))
-                    for _, future, _ in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                done = time.perf_counter()
-                self.metrics.batch_size.observe(len(batch))
-                for (_, future, started), reply in zip(batch, replies, strict=True):
-                    self.metrics.dispatch_seconds.observe(done - started)
-                    if not future.done():
-                        future.set_result(reply)
-                if self.on_commit is not None:
-                    self.on_commit(replies)
+                if applier.pipelined:
+                    task = asyncio.get_running_loop().create_task(self._settle(applier, batch))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                else:
+                    await self._settle(applier, batch)
         finally:
             self._busy[lane] = False
+
+    async def _settle(self, applier: Lane, batch: list[_Queued]) -> None:
+        """Apply one batch and answer each of its callers."""
+        try:
+            replies, committed = await applier.apply([b[0] for b in batch], self.clock.now())
+        except Exception as exc:
+            if isinstance(exc, OperationalError):  # an outage: one line, not a trace
+                log.warning(  # per batch (each of its callers gets a 503)
+                    "database unavailable: a batch of %d events was not applied (%s)",
+                    len(batch),
+                    type(exc.orig).__name__,
+                )
+            else:
+                log.exception("a batch of %d events failed to commit", len(batch))
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        done = time.perf_counter()
+        self.metrics.batch_size.observe(committed)
+        for (_, future, started), reply in zip(batch, replies, strict=True):
+            self.metrics.dispatch_seconds.observe(done - started)
+            if not future.done():
+                future.set_result(reply)
+        if self.on_commit is not None:
+            self.on_commit(replies)
 
     def run(self, items: Sequence[Inbound]) -> list[Reply]:
         """Apply events synchronously (CLI, workers, tests): the same path, one batch."""

@@ -1,0 +1,240 @@
+"""The write path in a process of its own, so the service uses two cores.
+
+One uvicorn worker runs everything in one interpreter, and one interpreter runs Python on
+one core at a time: the HTTP side (parsing, signatures, validation, routing) and the writer
+(`apply_batch`) took turns on the same core while the machine's second core sat idle
+(measured under the webhook benchmark: the server at 99% of one core, the machine at 53%
+of two). SQLite has one writer anyway, so a second uvicorn worker only waits on its lock;
+a writer process beside the HTTP process is what uses the second core.
+
+`WriterProcess` is one lane of the dispatcher: the lane's thread sends a batch (its items
+and the dispatcher's `now`) down a pipe and blocks, without the GIL, until the process
+answers with the batch's replies, after its commit. The process applies batches one at a
+time with its own engine, exactly as the thread did. It is started with `spawn` (no
+inherited threads, sockets or connections), on first use, and again if it died; a batch it
+was applying when it died is answered 503 (it may or may not have committed: a retry with
+the same idempotency key answers the stored response). When the service's process goes
+away, even by `kill -9`, the pipe closes and the writer exits after its current batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import pickle
+import socket
+import struct
+from collections import deque
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from app.config import Settings
+from app.events.dispatch import Inbound, Reply, apply_batch
+
+log = logging.getLogger("flywheel.writer")
+_HEADER = struct.Struct("!Q")  # each message: its length, then a pickle
+
+
+class WriterLost(Exception):
+    """The writer process exited (or could not be reached) while it had a batch."""
+
+
+class WriterProcess:
+    """A writer process and the socket to it; `apply` is `apply_batch` run there.
+
+    The service's side is asyncio streams on the event loop (no thread between the request
+    and the socket: a thread woken by a reply waited for the GIL behind the event loop).
+    Batches are sent as they form, without waiting for the last one's commit; the process
+    merges whatever arrived while it was busy into its next transaction, so it never waits
+    for the event loop to hand it work, and group commit still takes all that queued."""
+
+    pipelined = True
+
+    def __init__(self, settings: Settings, name: str = "flywheel-writer") -> None:
+        self.settings, self.name = settings, name
+        self._process: Any = None
+        self._socket: socket.socket | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._waiting: deque[asyncio.Future[tuple[list[Reply], int]]] = deque()
+        self._reading: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def open(self) -> None:
+        """Start the process now (its imports take a second), not on the first batch."""
+        if self._process is None or not self._process.is_alive():
+            self._start()
+
+    async def apply(self, items: Sequence[Inbound], now: datetime) -> tuple[list[Reply], int]:
+        writer = await self._connect()
+        answer: asyncio.Future[tuple[list[Reply], int]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(answer)  # answers come back in the order batches went out
+        message = pickle.dumps((list(items), now), pickle.HIGHEST_PROTOCOL)
+        writer.write(_HEADER.pack(len(message)) + message)
+        return await answer
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        if self._writer is not None:
+            return self._writer
+        self._connecting = self._connecting or asyncio.Lock()
+        async with self._connecting:
+            if self._writer is None:
+                if self._process is None or not self._process.is_alive():
+                    self._start()
+                assert self._socket is not None
+                reader, self._writer = await asyncio.open_unix_connection(sock=self._socket)
+                self._loop = asyncio.get_running_loop()
+                self._reading = self._loop.create_task(self._read(reader))
+        return self._writer
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        """Answer each batch sent, in order, until the process goes away."""
+        try:
+            while True:
+                (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                ok, payload = pickle.loads(await reader.readexactly(size))  # noqa: S301 - ours
+                answer = self._waiting.popleft()
+                if answer.done():
+                    continue
+                if ok:
+                    answer.set_result(payload)
+                else:
+                    answer.set_exception(payload)
+        except (EOFError, OSError, asyncio.IncompleteReadError):
+            if self._process is None:
+                return  # closed on purpose
+            code = self._stop()
+            if self._waiting:
+                log.warning("the writer process exited (code %s) with batches in flight", code)
+            lost = _unavailable(f"writer process exited with code {code}")
+            while self._waiting:
+                answer = self._waiting.popleft()
+                if not answer.done():
+                    answer.set_exception(lost)
+
+    def _start(self) -> None:
+        self._stop()
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = socket.socketpair()
+        process = ctx.Process(target=serve, args=(self.settings, theirs), name=self.name)
+        process.daemon = True  # stopped with the service, never outliving it
+        process.start()
+        theirs.close()
+        self._process, self._socket = process, ours
+
+    def _stop(self) -> int | None:
+        process, sock, writer = self._process, self._socket, self._writer
+        self._process, self._socket, self._writer = None, None, None
+        if sock is not None:  # the process sees EOF now and exits once its batch is done
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            if writer is not None and self._loop is not None and not self._loop.is_closed():
+                writer.close()  # the transport closes the socket
+            else:
+                sock.close()
+        if process is None:
+            return None
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        code: int | None = process.exitcode
+        return code
+
+    def close(self) -> None:
+        self._stop()
+        if self._reading is not None:
+            self._reading.cancel()
+
+
+def _unavailable(why: str) -> OperationalError:
+    """Said as SQLAlchemy says a lost database, so callers answer 503 and retry."""
+    return OperationalError(why, None, WriterLost(why), connection_invalidated=True)
+
+
+def serve(settings: Settings, sock: socket.socket) -> None:
+    """The writer process: apply what arrives, answer each batch, until the socket closes.
+    Batches that arrived while the last transaction ran are merged into the next one (up
+    to `dispatch_max_batch` events), written with the newest of their `now`s."""
+    from app.db import make_engine
+    from app.observability import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+    )
+    frames = _Frames(sock)
+    try:
+        while (first := frames.next(block=True)) is not None:
+            batches: list[tuple[list[Inbound], datetime]] = [pickle.loads(first)]  # noqa: S301
+            size = len(batches[0][0])
+            while size < settings.dispatch_max_batch and (more := frames.next(block=False)):
+                batches.append(pickle.loads(more))  # noqa: S301 - from our own parent
+                size += len(batches[-1][0])
+            items = [item for batch, _ in batches for item in batch]
+            try:
+                replies = apply_batch(engine, items, max(now for _, now in batches))
+            except Exception as exc:  # the dispatcher decides what a failed batch means
+                answers = [_dumps((False, exc))] * len(batches)
+            else:
+                answers, at = [], 0
+                for batch, _ in batches:
+                    answers.append(_dumps((True, (replies[at : at + len(batch)], size))))
+                    at += len(batch)
+            sock.sendall(b"".join(_HEADER.pack(len(a)) + a for a in answers))
+    finally:
+        engine.dispose()
+        sock.close()
+
+
+class _Frames:
+    """Length-prefixed messages from a blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf, self.eof = sock, bytearray(), False
+
+    def next(self, *, block: bool) -> bytes | None:
+        """The next whole message; None at the end of the stream or, when not blocking,
+        when no whole message has arrived yet."""
+        while True:
+            if len(self.buf) >= _HEADER.size:
+                end = _HEADER.size + _HEADER.unpack_from(self.buf)[0]
+                if len(self.buf) >= end:
+                    message = bytes(self.buf[_HEADER.size : end])
+                    del self.buf[:end]
+                    return message
+            if self.eof:
+                return None
+            try:
+                data = self.sock.recv(1 << 20, 0 if block else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            if not data:
+                self.eof = True
+            self.buf += data
+
+
+def _dumps(answer: tuple[bool, Any]) -> bytes:
+    try:
+        return pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # an error from the driver that does not pickle: its name and text
+        ok, exc = answer
+        if ok:
+            raise
+        orig = getattr(exc, "orig", exc)
+        cause = f"{type(orig).__name__}: {orig}"
+        if isinstance(exc, OperationalError):
+            return pickle.dumps((False, _unavailable(cause)), pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((False, RuntimeError(cause)), pickle.HIGHEST_PROTOCOL)

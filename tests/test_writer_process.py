@@ -1,0 +1,151 @@
+"""The write path in a process of its own (app/events/writer.py), on both databases: what
+it answers is what the in-process writer answers, batches that arrive while it is busy share
+its next commit and are still answered one by one, an event refused in one of them fails
+alone, and a writer that dies is answered 503 and replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import OperationalError
+
+from app.errors import FieldProblem, InvalidDefinition, NotFound, Refused
+from app.events.dispatch import Inbound, InProcess
+from app.events.models import EventLog
+from app.events.writer import WriterProcess, _dumps
+from tests.conftest import T0, settings_for, tenant_with_funnel
+from tests.factories import welcome
+
+
+def _joined(tenant_id: int, tag: str, n: int) -> list[Inbound]:
+    return [
+        Inbound(
+            tenant_id,
+            "bot",
+            "member.joined",
+            data={"group_id": "g1"},
+            key=f"{tag}-{i}",
+            digest=f"{tag}-{i}",
+            member={"id": f"{tag}-{i}"},
+        )
+        for i in range(n)
+    ]
+
+
+def _stored(engine: Engine, tenant_id: int) -> int:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(func.count()).where(EventLog.tenant_id == tenant_id, EventLog.source == "bot")  # type: ignore[arg-type]
+        ).scalar_one()
+
+
+def _writer(engine: Engine) -> WriterProcess:
+    return WriterProcess(settings_for(engine.url.render_as_string(hide_password=False)))
+
+
+def test_batches_sent_while_the_writer_is_busy_share_a_commit_and_fail_alone(engine):
+    tenant_id = tenant_with_funnel(engine, "welcome", welcome(), T0)
+    first = _joined(tenant_id, "a", 40)
+    bad = Inbound(tenant_id, "bot", "no.such.event", key="bad", digest="bad", member={"id": "x"})
+    second = [*_joined(tenant_id, "b", 5), bad, *_joined(tenant_id, "c", 5)]
+    writer = _writer(engine)
+
+    async def run() -> list[tuple[list, int]]:
+        # sent back to back, before the first can have committed: the process takes the
+        # second while (or after) it writes the first
+        try:
+            return await asyncio.gather(writer.apply(first, T0), writer.apply(second, T0))
+        finally:
+            writer.close()
+
+    (r1, n1), (r2, n2) = asyncio.run(run())
+    assert [r.status for r in r1] == [200] * 40
+    assert [r.status for r in r2] == [200] * 5 + [422] + [200] * 5
+    assert r2[5].error is not None and r2[5].error.code == "invalid_event"
+    assert r2[5].error.errors[0].path == "type"
+    assert n1 in (40, 51) and n2 in (11, 51)  # answered per batch, committed together or not
+    assert r1[0].body["member"]["external_id"] == "a-0" and r2[6].body["idempotency_key"] == "c-0"
+    assert _stored(engine, tenant_id) == 50
+
+    # the same events through the in-process writer are replays of what was stored
+    async def again() -> tuple[list, int]:
+        return await InProcess(engine).apply(first[:3], T0 + timedelta(seconds=1))
+
+    replies, _ = asyncio.run(again())
+    assert [r.replayed for r in replies] == [True] * 3
+    assert [r.raw for r in replies] == [r.raw for r in r1[:3]]
+
+
+def test_a_writer_killed_answers_its_batch_503_and_the_next_batch_starts_a_new_one(engine):
+    tenant_id = tenant_with_funnel(engine, "welcome", welcome(), T0)
+    writer = _writer(engine)
+
+    async def run() -> None:
+        replies, _ = await writer.apply(_joined(tenant_id, "a", 1), T0)
+        assert replies[0].status == 200
+        dead = writer.pid
+        assert dead is not None
+        os.kill(dead, signal.SIGKILL)
+        writer._process.join()  # gone before the next batch is sent to it
+        with pytest.raises(OperationalError) as lost:
+            await writer.apply(_joined(tenant_id, "b", 3), T0)
+        assert lost.value.connection_invalidated  # said as a lost database: a 503
+        assert "exited with code -9" in str(lost.value)
+        replies, _ = await writer.apply(_joined(tenant_id, "c", 3), T0)
+        assert [r.status for r in replies] == [200] * 3
+        assert writer.pid not in (None, dead)
+
+    async def closing() -> None:
+        try:
+            await run()
+        finally:
+            writer.close()
+
+    asyncio.run(closing())
+    assert _stored(engine, tenant_id) == 4  # the batch sent to the dead writer never ran
+
+
+def test_the_writer_exits_when_the_service_closes_its_end(engine):
+    writer = _writer(engine)
+    writer.open()
+    process = writer._process
+    assert process.is_alive()
+    writer._socket.close()  # as when the service's process dies: its end of the socket closes
+    process.join(30)
+    assert process.exitcode == 0
+    writer.close()
+
+
+def test_domain_errors_cross_the_process_boundary_whole():
+    refused = Refused("team_full", "the team is full", [FieldProblem("team", "full")])
+    refused.headers["Retry-After"] = "1"
+    back = pickle.loads(pickle.dumps(refused))
+    assert type(back) is Refused and (back.status, back.code) == (409, "team_full")
+    assert (back.detail, back.errors, back.headers) == (
+        "the team is full",
+        [FieldProblem("team", "full")],
+        {"Retry-After": "1"},
+    )
+    invalid = pickle.loads(pickle.dumps(InvalidDefinition([FieldProblem("states", "empty")])))
+    assert invalid.problems == [FieldProblem("states", "empty")] and invalid.status == 422
+    assert str(pickle.loads(pickle.dumps(NotFound("no member 7")))) == "no member 7"
+
+
+class _Unpicklable(Exception):
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        raise TypeError("cannot pickle a driver's connection")
+
+
+def test_an_error_that_does_not_pickle_is_answered_by_its_name_and_text():
+    lost = OperationalError("SELECT 1", None, _Unpicklable("server closed the connection"))
+    ok, back = pickle.loads(_dumps((False, lost)))
+    assert not ok and isinstance(back, OperationalError)
+    assert "_Unpicklable: server closed the connection" in str(back)
+    ok, other = pickle.loads(_dumps((False, _Unpicklable("boom"))))
+    assert isinstance(other, RuntimeError) and str(other) == "_Unpicklable: boom"
