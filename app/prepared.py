@@ -12,12 +12,14 @@ per-call machinery:
     _RESPOND.scalar(conn, {...})                    # RETURNING id: the first column
     _FIRSTS.rows(conn, {...})                       # a SELECT of plain columns: tuples
     _RESPOND.run_many(conn, [{...}, {...}])         # executemany
+    _TEAM.records(conn, {"b_id": 7})                # rows by attribute, values as SQLAlchemy's
 
 What it does not do, so that callers cannot get it silently wrong: expanding IN lists and
 Python-side defaults computed by a function are refused when the statement is compiled
-(use `Connection.execute` for IN lists; pass such values), and RETURNING and SELECT hand
-back the driver's raw values, so only columns needing no result processing (ids, counts,
-text) belong there.
+(use `Connection.execute` for IN lists; pass such values). `rows` and `scalar` hand back the
+driver's raw values (for ids, counts, text); `records` and `record` run each column's result
+processor, the one `Connection.execute` would (SQLite's datetimes parsed and made UTC-aware,
+JSON decoded), and answer rows whose columns are attributes, like SQLAlchemy's.
 
 Errors are SQLAlchemy's (`DBAPIError.instance` picks IntegrityError, OperationalError… as
 `Connection.execute` would), and `before_cursor_execute` listeners still see every statement
@@ -26,6 +28,7 @@ Errors are SQLAlchemy's (`DBAPIError.instance` picks IntegrityError, Operational
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,12 +58,24 @@ class _Plan:
         return tuple(out) if self.positional else dict(zip(self.names, out, strict=True))
 
 
+@dataclass(frozen=True)
+class _Shape:
+    row: Any  # a namedtuple class of the result's column keys
+    processors: list[Callable[[Any], Any] | None]
+
+    def make(self, raw: Sequence[Any]) -> Any:
+        return self.row._make(
+            [v if p is None else p(v) for p, v in zip(self.processors, raw, strict=True)]
+        )
+
+
 class Prepared:
     """One statement (or one per dialect name, as `insert_or_skip` builds them)."""
 
     def __init__(self, statement: ClauseElement | Mapping[str, ClauseElement]) -> None:
         self._statements = statement
         self._plans: dict[tuple[str, frozenset[str]], _Plan] = {}
+        self._shapes: dict[str, _Shape] = {}  # by dialect: how `records` builds a row
 
     def _statement(self, dialect_name: str) -> Any:
         s = self._statements
@@ -144,6 +159,32 @@ class Prepared:
     def rows(self, conn: Connection, params: Params) -> list[tuple[Any, ...]]:
         """Execute once; every row, as the driver's tuples (see the module docstring)."""
         return list(self._execute(conn, [params], many=False).fetchall())
+
+    def records(self, conn: Connection, params: Params) -> list[Any]:
+        """Execute once; every row, its values processed as `Connection.execute` would,
+        its columns attributes (`row.id`, `row.created_at`)."""
+        cursor = self._execute(conn, [params], many=False)
+        shape = self._shapes.get(conn.dialect.name) or self._shape(conn, cursor)
+        return [shape.make(r) for r in cursor.fetchall()]
+
+    def record(self, conn: Connection, params: Params) -> Any | None:
+        """The first of `records`, or None."""
+        cursor = self._execute(conn, [params], many=False)
+        shape = self._shapes.get(conn.dialect.name) or self._shape(conn, cursor)
+        row = cursor.fetchone()
+        return None if row is None else shape.make(row)
+
+    def _shape(self, conn: Connection, cursor: Any) -> _Shape:
+        dialect = conn.dialect
+        compiled: Any = self._statement(dialect.name).compile(dialect=dialect)
+        columns = compiled._result_columns  # (key, name, objects, type) per column
+        keys = [c[0] for c in columns]  # as SQLAlchemy's rows name them (`id`, `id_1`)
+        processors = [
+            c[3].dialect_impl(dialect).result_processor(dialect, d[1])
+            for c, d in zip(columns, cursor.description, strict=True)
+        ]
+        shape = self._shapes[dialect.name] = _Shape(namedtuple("Record", keys), processors)
+        return shape
 
     def scalar(self, conn: Connection, params: Params) -> Any:
         """Execute once; the first column of the first row it returned, or None."""

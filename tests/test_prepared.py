@@ -83,6 +83,28 @@ def test_updates_selects_and_many_rows(engine):
         Prepared(insert(event_t)).run_many(conn, [])  # nothing to write: no statement
 
 
+def test_records_read_back_what_connection_execute_reads(engine):
+    """Aware datetimes, JSON with CJK text and nulls, NULL columns: the same values as
+    SQLAlchemy's rows, by the same attribute names."""
+    tenant_id, _ = new_tenant(engine)
+    at = datetime(2026, 11, 23, 20, 15, 30, 123456, tzinfo=BEIJING)
+    by_tenant = select(event_t).where(event_t.c.tenant_id == bindparam("b_tenant"))
+    with engine.begin() as conn:
+        Prepared(insert(event_t)).run_many(conn, [_event(tenant_id, k, at) for k in "ab"])
+        core = conn.execute(by_tenant.order_by(event_t.c.id), {"b_tenant": tenant_id}).all()
+        prepared = Prepared(by_tenant.order_by(event_t.c.id))
+        mine = prepared.records(conn, {"b_tenant": tenant_id})
+        again = prepared.records(conn, {"b_tenant": tenant_id})  # its shape is kept
+        assert prepared.record(conn, {"b_tenant": -1}) is None
+        first = prepared.record(conn, {"b_tenant": tenant_id})
+    assert [r._asdict() for r in mine] == [r._asdict() for r in core] == [
+        r._asdict() for r in again
+    ]
+    assert first is not None and first.dedupe_key == "a" and first.member_id is None
+    assert first.received_at == at and first.received_at.tzinfo is not None
+    assert first.data == {"text": '你好 "quoted"', "n": [1, None, 2.5], "none": None}
+
+
 def test_a_constant_column_default_is_filled_in_as_sqlalchemy_would(engine):
     tenant_id, _ = new_tenant(engine)
     now = datetime(2026, 11, 23, tzinfo=UTC)

@@ -174,7 +174,7 @@ class BatchCache:
         hit = self._members.pop(member_id, None)
         if hit is not None and hit.tenant_id == tenant_id:
             return hit
-        return conn.execute(_MEMBER_BY_ID, {"b_id": member_id, "b_tenant": tenant_id}).first()
+        return _MEMBER_BY_ID.record(conn, {"b_id": member_id, "b_tenant": tenant_id})
 
     def instances(self, conn: Connection, member_id: int) -> dict[int, store.InstanceRow]:
         hit = self._instances.pop(member_id, None)
@@ -238,14 +238,14 @@ _PRIOR = select(event_t.c.digest, event_t.c.status_code, event_t.c.response).whe
     event_t.c.source == bindparam("b_source"),
     event_t.c.dedupe_key == bindparam("b_key"),
 )
-_MEMBER_BY_EXTERNAL = (
+_MEMBER_BY_EXTERNAL = Prepared(
     select(member_t)
     .where(
         member_t.c.tenant_id == bindparam("b_tenant"), member_t.c.external_id == bindparam("b_ext")
     )
     .with_for_update()
 )
-_MEMBER_BY_ID = (
+_MEMBER_BY_ID = Prepared(
     select(member_t)
     .where(member_t.c.id == bindparam("b_id"), member_t.c.tenant_id == bindparam("b_tenant"))
     .with_for_update()
@@ -338,7 +338,7 @@ def _member(
     """Find the member by the integration's id (creating it on first sight), lock the row,
     and merge what the event says about the profile."""
     key = {"b_tenant": tenant_id, "b_ext": ref["id"]}
-    m = cache.member_by_ref(tenant_id, ref["id"]) or conn.execute(_MEMBER_BY_EXTERNAL, key).first()
+    m = cache.member_by_ref(tenant_id, ref["id"]) or _MEMBER_BY_EXTERNAL.record(conn, key)
     if m is None:
         conn.execute(
             _NEW_MEMBER[conn.dialect.name],
@@ -351,7 +351,9 @@ def _member(
                 "created_at": now,
             },
         )
-        return conn.execute(_MEMBER_BY_EXTERNAL, key).one()
+        created = _MEMBER_BY_EXTERNAL.record(conn, key)
+        assert created is not None
+        return created
     changes: dict[str, Any] = {}
     for name in ("nickname", "unionid"):
         if ref.get(name) is not None and ref[name] != getattr(m, name):

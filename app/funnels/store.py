@@ -143,8 +143,8 @@ def _row(r: Any) -> InstanceRow:
 # The event path's statements are built once: constructing a statement per call costs about
 # three times as much as executing a prebuilt one with parameters (measured: 270 µs vs 90 µs
 # for an INSERT on SQLite).
-_BY_MEMBER = _instance_query().where(instance_t.c.member_id == bindparam("b_member"))
-_BY_ID = _instance_query().where(instance_t.c.id == bindparam("b_id"))
+_BY_MEMBER = Prepared(_instance_query().where(instance_t.c.member_id == bindparam("b_member")))
+_BY_ID = Prepared(_instance_query().where(instance_t.c.id == bindparam("b_id")))
 # The event path's writes run as Prepared statements (app/prepared.py).
 _INSERT_INSTANCE = Prepared(insert(instance_t).returning(instance_t.c.id))
 _UPDATE_INSTANCE = Prepared(
@@ -173,7 +173,7 @@ _ARM_TIMERS = Prepared(insert(timer_t))
 
 def member_instances(conn: Connection, member_id: int) -> dict[int, InstanceRow]:
     """A member's instances by funnel id (callers hold the member's row lock)."""
-    rows = conn.execute(_BY_MEMBER, {"b_member": member_id})
+    rows = _BY_MEMBER.records(conn, {"b_member": member_id})
     return {r.funnel_id: _row(r) for r in rows}
 
 
@@ -194,7 +194,7 @@ def instances_of_members(
 
 
 def instance_by_id(conn: Connection, instance_id: int) -> InstanceRow | None:
-    r = conn.execute(_BY_ID, {"b_id": instance_id}).first()
+    r = _BY_ID.record(conn, {"b_id": instance_id})
     return _row(r) if r else None
 
 

@@ -113,16 +113,18 @@ def left(conn: Connection, tenant_id: int, group_id: str, member_id: int) -> Non
     )
 
 
-_MEMBERSHIP = select(group_member_t).where(
-    group_member_t.c.tenant_id == bindparam("b_tenant"),
-    group_member_t.c.group_id == bindparam("b_group"),
-    group_member_t.c.member_id == bindparam("b_member"),
+_MEMBERSHIP = Prepared(
+    select(group_member_t).where(
+        group_member_t.c.tenant_id == bindparam("b_tenant"),
+        group_member_t.c.group_id == bindparam("b_group"),
+        group_member_t.c.member_id == bindparam("b_member"),
+    )
 )
 
 
 def membership(conn: Connection, tenant_id: int, group_id: str, member_id: int) -> Any | None:
     params = {"b_tenant": tenant_id, "b_group": group_id, "b_member": member_id}
-    return conn.execute(_MEMBERSHIP, params).first()
+    return _MEMBERSHIP.record(conn, params)
 
 
 def is_member(conn: Connection, tenant_id: int, group_id: str, member_id: int) -> bool:

@@ -22,7 +22,7 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Connection, Table, bindparam, or_, select, update
 
 from app.db import insert_or_skip
 from app.engine.definition import GroupBuy
@@ -60,15 +60,22 @@ def team_config(conn: Connection, team: Any) -> tuple[store.VersionRef, GroupBuy
     return ref, store.compiled_version(conn, ref).definition.mechanics.groupbuy[team.campaign]
 
 
-# The statements of joining (the hot path) are built once, with parameters: building a
-# statement per call cost more than running it.
-_TEAM_BY_SHARE = (
+def _one_of(column: Any, values: tuple[str, ...]) -> Any:
+    """`column IN (values)` with the values compiled in (a Prepared statement takes no
+    expanding IN list)."""
+    return or_(*(column == v for v in values))
+
+
+# The statements of joining (the hot path) are built once, with parameters, and run as
+# Prepared statements (app/prepared.py): building a statement per call cost more than
+# running it, and Connection.execute's own work about as much again.
+_TEAM_BY_SHARE = Prepared(
     select(team_t)
     .where(team_t.c.public_id == bindparam("b_public"), team_t.c.tenant_id == bindparam("b_tenant"))
     .with_for_update()
 )
-_TEAM_BY_ID = select(team_t).where(team_t.c.id == bindparam("b_id"))
-_CAMPAIGN_SEATS = (
+_TEAM_BY_ID = Prepared(select(team_t).where(team_t.c.id == bindparam("b_id")))
+_CAMPAIGN_SEATS = Prepared(
     select(seat_t, team_t.c.public_id, team_t.c.status.label("team_status"))
     .join(team_t, team_t.c.id == seat_t.c.team_id)
     .where(
@@ -77,14 +84,14 @@ _CAMPAIGN_SEATS = (
         seat_t.c.campaign_key == bindparam("b_campaign"),
     )
 )
-_TAKE_SEAT = (
+_TAKE_SEAT = Prepared(
     update(team_t)
     .where(team_t.c.id == bindparam("b_id"), team_t.c.seats_taken < team_t.c.capacity)
     .values(seats_taken=team_t.c.seats_taken + 1)
     .returning(*team_t.c)
 )
 _NEW_SEAT = Prepared(seat_t.insert().returning(seat_t.c.id))
-_SUCCEED = (
+_SUCCEED = Prepared(
     update(team_t)
     .where(team_t.c.id == bindparam("b_id"))
     .values(
@@ -101,18 +108,18 @@ _NOT_LIVE = Prepared(
 )
 
 
-def _seats_query(statuses: tuple[str, ...]) -> Any:
-    return (
+def _seats_query(statuses: tuple[str, ...]) -> Prepared:
+    return Prepared(
         select(seat_t)
-        .where(seat_t.c.team_id == bindparam("b_team"), seat_t.c.status.in_(statuses))
+        .where(seat_t.c.team_id == bindparam("b_team"), _one_of(seat_t.c.status, statuses))
         .order_by(seat_t.c.joined_at, seat_t.c.id)
     )
 
 
-_SEATS: dict[tuple[str, ...], Any] = {
+_SEATS: dict[tuple[str, ...], Prepared] = {
     s: _seats_query(s) for s in ((ACTIVE,), (HELD,), (HELD, ACTIVE))
 }
-_TEAM_MEMBERS = (
+_TEAM_MEMBERS = Prepared(
     select(
         seat_t.c.role,
         seat_t.c.status,
@@ -122,15 +129,13 @@ _TEAM_MEMBERS = (
         member_t.c.attributes,
     )
     .join(member_t, member_t.c.id == seat_t.c.member_id)
-    .where(seat_t.c.team_id == bindparam("b_team"), seat_t.c.status.in_([HELD, ACTIVE]))
+    .where(seat_t.c.team_id == bindparam("b_team"), _one_of(seat_t.c.status, (HELD, ACTIVE)))
     .order_by(seat_t.c.joined_at, seat_t.c.id)
 )
 
 
 def _lock_team(ctx: Context, public_id: Any, path: str = "data.team") -> Any:
-    team = ctx.conn.execute(
-        _TEAM_BY_SHARE, {"b_public": str(public_id), "b_tenant": ctx.tenant_id}
-    ).first()
+    team = _TEAM_BY_SHARE.record(ctx.conn, {"b_public": str(public_id), "b_tenant": ctx.tenant_id})
     if team is None:
         message = f'no group-buy team "{public_id}"'
         if ctx.source in ("member", "admin"):  # the API's team is in its URL: a 404, as for
@@ -140,14 +145,16 @@ def _lock_team(ctx: Context, public_id: Any, path: str = "data.team") -> Any:
 
 
 def _reload(conn: Connection, team_id: int) -> Any:
-    return conn.execute(_TEAM_BY_ID, {"b_id": team_id}).one()
+    team = _TEAM_BY_ID.record(conn, {"b_id": team_id})
+    assert team is not None, team_id
+    return team
 
 
 def _campaign_seats(ctx: Context, member_id: int, campaign_key: str) -> list[Any]:
     """Every seat the member ever held in the campaign, with its team's share id and status:
     one read answers "already in this team?", "in another open team?" and the limits."""
     params = {"b_tenant": ctx.tenant_id, "b_member": member_id, "b_campaign": campaign_key}
-    return list(ctx.conn.execute(_CAMPAIGN_SEATS, params).all())
+    return _CAMPAIGN_SEATS.records(ctx.conn, params)
 
 
 def _live(seats: list[Any]) -> Any | None:
@@ -405,7 +412,7 @@ def _refuse_closed(team: Any, now: datetime) -> None:
 
 def _take_seat(ctx: Context, team: Any, cfg: GroupBuy) -> Any:
     """Take a seat if one is left; the team as it is now."""
-    taken = ctx.conn.execute(_TAKE_SEAT, {"b_id": team.id}).first()
+    taken = _TAKE_SEAT.record(ctx.conn, {"b_id": team.id})
     if taken is None:
         raise Refused(rules.TEAM_FULL, f"team {team.public_id} is full")
     _take(ctx, team, team.funnel_id, team.campaign, cfg, seats=1)
@@ -713,15 +720,15 @@ def _confirm(
 
 
 def _seats(conn: Connection, team_id: int, statuses: tuple[str, ...]) -> list[Any]:
-    return list(conn.execute(_SEATS[statuses], {"b_team": team_id}).all())
+    return _SEATS[statuses].records(conn, {"b_team": team_id})
 
 
 def _succeed(
     ctx: Context, team: Any, cfg: GroupBuy, settlement: rules.Settlement, effects: Effects
 ) -> Any:
     """Close the team as succeeded; the closed team."""
-    team = ctx.conn.execute(
-        _SUCCEED,
+    team = _SUCCEED.record(
+        ctx.conn,
         {
             "b_id": team.id,
             "b_at": ctx.now,
@@ -729,7 +736,8 @@ def _succeed(
             "b_price": settlement.price_fen,
             "b_virtual": settlement.virtual_seats,
         },
-    ).one()
+    )
+    assert team is not None
     _NOT_LIVE.run(ctx.conn, {"b_team": team.id})
     _closing_counters(ctx, team, cfg, succeeded=True)
     source = f"groupbuy.{team.campaign}"
@@ -852,7 +860,7 @@ def team_json(conn: Connection, team: Any, now: datetime) -> dict[str, Any]:
     """A team's live state, as anyone holding its share sees it: no member ids."""
     ref = store.version_ref(conn, team.version_id)
     cfg = store.compiled_version(conn, ref).definition.mechanics.groupbuy[team.campaign]
-    members = conn.execute(_TEAM_MEMBERS, {"b_team": team.id}).all()
+    members = _TEAM_MEMBERS.records(conn, {"b_team": team.id})
     return {
         "id": team.public_id,
         "share_path": SHARE_PATH + team.public_id,

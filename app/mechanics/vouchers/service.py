@@ -37,8 +37,10 @@ def normalize(code: str) -> str:
 
 
 _INSERTS = Prepared(insert_or_skip(voucher_t, ["tenant_id", "origin"], voucher_t.c.id))
-_BY_ORIGIN = select(voucher_t).where(
-    voucher_t.c.tenant_id == bindparam("b_tenant"), voucher_t.c.origin == bindparam("b_origin")
+_BY_ORIGIN = Prepared(
+    select(voucher_t).where(
+        voucher_t.c.tenant_id == bindparam("b_tenant"), voucher_t.c.origin == bindparam("b_origin")
+    )
 )
 
 
@@ -77,7 +79,8 @@ def issue(
             "expires_at": now + valid_for,
         },
     )
-    row = conn.execute(_BY_ORIGIN, {"b_tenant": tenant_id, "b_origin": origin}).one()
+    row = _BY_ORIGIN.record(conn, {"b_tenant": tenant_id, "b_origin": origin})
+    assert row is not None, origin
     return row, inserted is not None
 
 
