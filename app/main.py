@@ -39,6 +39,7 @@ from app.events.dispatch import Dispatcher
 from app.events.schemas import openapi_components
 from app.events.sources import SourceCache
 from app.events.writer import WriterProcess
+from app.heap import freeze_startup_heap
 from app.limits import BodyLimitMiddleware, RateLimiter
 from app.observability import Metrics, RequestLogMiddleware, configure_logging
 from app.workers import Workers
@@ -79,6 +80,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
         dispatcher.open()
+        freeze_startup_heap()
         stop = asyncio.Event()
         task = asyncio.create_task(workers.run(stop)) if settings.workers == "on" else None
         try:

@@ -97,9 +97,9 @@ def test_records_read_back_what_connection_execute_reads(engine):
         again = prepared.records(conn, {"b_tenant": tenant_id})  # its shape is kept
         assert prepared.record(conn, {"b_tenant": -1}) is None
         first = prepared.record(conn, {"b_tenant": tenant_id})
-    assert [r._asdict() for r in mine] == [r._asdict() for r in core] == [
-        r._asdict() for r in again
-    ]
+    assert (
+        [r._asdict() for r in mine] == [r._asdict() for r in core] == [r._asdict() for r in again]
+    )
     assert first is not None and first.dedupe_key == "a" and first.member_id is None
     assert first.received_at == at and first.received_at.tzinfo is not None
     assert first.data == {"text": '你好 "quoted"', "n": [1, None, 2.5], "none": None}

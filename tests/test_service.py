@@ -4,6 +4,7 @@ and pruning of old idempotency keys."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from datetime import timedelta
@@ -50,6 +51,18 @@ def test_background_workers_fire_timers_when_the_app_runs(engine, clock):
 
     asyncio.run(run_briefly())
     assert app.state.workers.totals.timers_fired == 1
+
+
+def test_the_started_service_keeps_its_startup_heap_out_of_full_collections(engine, clock):
+    """(app/heap.py: full collections over it stalled every request in flight.)"""
+    app = app_for(engine, clock)
+    gc.unfreeze()
+
+    async def start() -> int:
+        async with app.router.lifespan_context(app):
+            return gc.get_freeze_count()
+
+    assert asyncio.run(start()) > 10_000  # modules, routes, validators, tables
 
 
 def test_pruning_forgets_idempotency_keys_after_the_retention(client, engine, clock):

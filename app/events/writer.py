@@ -166,6 +166,7 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     Batches that arrived while the last transaction ran are merged into the next one (up
     to `dispatch_max_batch` events), written with the newest of their `now`s."""
     from app.db import make_engine
+    from app.heap import freeze_startup_heap
     from app.observability import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
@@ -175,6 +176,7 @@ def serve(settings: Settings, sock: socket.socket) -> None:
         max_overflow=settings.db_max_overflow,
         busy_timeout_ms=settings.sqlite_busy_timeout_ms,
     )
+    freeze_startup_heap()
     frames = _Frames(sock)
     try:
         while (first := frames.next(block=True)) is not None:
