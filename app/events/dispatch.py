@@ -120,13 +120,18 @@ class BatchCache:
     it, and then forgotten: that event may change it, so later events read it again. Every
     path that writes a member's row or instances first takes the member through this cache
     (`member_by_ref`, `member_by_id`, `instances`), so no event sees a row another event
-    already changed. Timers and sweeps use the cache without prefetching."""
+    already changed. The exception is a member's instances as a funnel step just wrote them
+    (`keep_instances`): the member's next step reads those, within the event (a team's
+    success steps each member two or three times) and, once the event has ended well, in
+    later events of the batch; an event rolled back to its savepoint leaves none behind.
+    Timers and sweeps use the cache without prefetching."""
 
     def __init__(self) -> None:
         self.versions: dict[int, list[store.VersionRef]] = {}
         self._members: dict[int, Any] = {}  # member id -> locked row, not yet handed out
         self._by_ref: dict[tuple[int, str], int] = {}  # (tenant, external id) -> member id
         self._instances: dict[int, dict[int, store.InstanceRow]] = {}
+        self._written: dict[int, dict[int, store.InstanceRow]] = {}  # by this event's steps
         # Work for after the batch's events (Context.defer): kept per event until it ends
         # well, so an event rolled back to its savepoint leaves nothing behind.
         self._deferred: dict[Hashable, Deferred] = {}
@@ -177,24 +182,33 @@ class BatchCache:
         return _MEMBER_BY_ID.record(conn, {"b_id": member_id, "b_tenant": tenant_id})
 
     def instances(self, conn: Connection, member_id: int) -> dict[int, store.InstanceRow]:
-        hit = self._instances.pop(member_id, None)
+        hit = self._written.pop(member_id, None) or self._instances.pop(member_id, None)
         return hit if hit is not None else store.member_instances(conn, member_id)
 
+    def keep_instances(self, member_id: int, rows: dict[int, store.InstanceRow]) -> None:
+        """The member's instances as this event's step left them (locked, written)."""
+        self._written[member_id] = rows
+
     def drop_instances(self, member_id: int) -> None:
+        self._written.pop(member_id, None)
         self._instances.pop(member_id, None)
 
     def begin_event(self) -> None:
         self._staged = {}
+        self._written = {}
 
     def defer(self, key: Hashable, work: Deferred) -> None:
         self._staged[key] = work
 
     def end_event(self) -> None:
-        """The event applied: what it deferred stays (the latest under each key)."""
+        """The event applied: what it deferred stays (the latest under each key), and the
+        instances it wrote are what later events of the batch read."""
         for key, work in self._staged.items():
             self._deferred.pop(key, None)
             self._deferred[key] = work
         self._staged = {}
+        self._instances.update(self._written)
+        self._written = {}
 
     def run_deferred(self, conn: Connection) -> int:
         """Run the deferred work, each under a savepoint of its own, before the commit; the
@@ -218,6 +232,7 @@ class BatchCache:
         """After an event's savepoint rolled back: what it read may be gone with it."""
         self._members.clear()
         self._instances.clear()
+        self._written.clear()
 
 
 # Statements built once (see app.funnels.store); ON CONFLICT needs the dialect's insert.
@@ -436,6 +451,7 @@ def _step_member(
             candidates[current.funnel_id] = current.ref  # members finish the version they began
     event = Event(type=event_type, data=data, id=str(event_id))
     outcomes, n_actions, emits = [], 0, []
+    after = dict(instances)  # the member's instances once this step is written
     for fx in watched:
         emits.extend(fx.emits)
         n_actions += _enqueue_direct(conn, tenant_id, fx.actions, event_id, event_type, now)
@@ -447,13 +463,24 @@ def _step_member(
             continue
         state = MemberState.from_json(inst.data, profile) if inst else MemberState(profile=profile)
         outcome = step(funnel, state, event, now)
-        result, n, new = _persist(
+        result, n, new, written = _persist(
             conn, tenant_id, event_type, m, ref, inst, outcome, state, event_id, now
         )
+        if written is not None:
+            after[funnel_id] = store.InstanceRow(
+                written,
+                funnel_id,
+                m.id,
+                ref.version,
+                outcome.state.status,
+                orjson.loads(orjson.dumps(outcome.state.to_json())),  # as stored, read back
+                ref,
+            )
         n_actions += n
         emits.extend(new)
         if outcome.matched or active:
             outcomes.append(result)
+    cache.keep_instances(m.id, after)
     return outcomes, n_actions, emits
 
 
@@ -651,12 +678,15 @@ def _persist(
     before: MemberState,
     event_id: int,
     now: datetime,
-) -> tuple[dict[str, Any], int, list[Emit]]:
+) -> tuple[dict[str, Any], int, list[Emit], int | None]:
+    """Write a step's outcome: its answer, the actions queued, the events it emits and the
+    id of the instance written (None: the step matched nothing and wrote nothing)."""
     ids: list[int] = []
     actions: list[PlannedAction] = list(outcome.actions)
     emits: list[Emit] = []
+    written = None
     if outcome.matched:
-        store.save_outcome(
+        written = store.save_outcome(
             conn,
             tenant_id=tenant_id,
             funnel_id=ref.funnel_id,
@@ -712,6 +742,7 @@ def _persist(
         },
         len(ids),
         emits,
+        written,
     )
 
 
@@ -818,7 +849,7 @@ def _fire_timer(
         funnel = store.compiled_version(conn, inst.ref)
         state = MemberState.from_json(inst.data, _profile(m))
         outcome = step(funnel, state, Event.timer_fired(item.timer_key, str(event_id)), now)
-        result, n_actions, emits = _persist(
+        result, n_actions, emits, _ = _persist(
             conn, item.tenant_id, item.type, m, inst.ref, inst, outcome, state, event_id, now
         )
         outcomes.append(result)

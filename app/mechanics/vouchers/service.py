@@ -36,7 +36,13 @@ def normalize(code: str) -> str:
     return code.replace("-", "").replace(" ", "").upper()
 
 
-_INSERTS = Prepared(insert_or_skip(voucher_t, ["tenant_id", "origin"], voucher_t.c.id))
+# The new voucher comes back from its INSERT; one already issued for the origin is read.
+_INSERTS = Prepared(
+    {
+        name: stmt.returning(*voucher_t.c)
+        for name, stmt in insert_or_skip(voucher_t, ["tenant_id", "origin"]).items()
+    }
+)
 _BY_ORIGIN = Prepared(
     select(voucher_t).where(
         voucher_t.c.tenant_id == bindparam("b_tenant"), voucher_t.c.origin == bindparam("b_origin")
@@ -61,7 +67,7 @@ def issue(
 ) -> tuple[Any, bool]:
     """Issue one voucher for `origin`, or return the one it already issued.
     Returns (row, created)."""
-    inserted = _INSERTS.scalar(
+    made = _INSERTS.record(
         conn,
         {
             "tenant_id": tenant_id,
@@ -79,9 +85,11 @@ def issue(
             "expires_at": now + valid_for,
         },
     )
+    if made is not None:
+        return made, True
     row = _BY_ORIGIN.record(conn, {"b_tenant": tenant_id, "b_origin": origin})
     assert row is not None, origin
-    return row, inserted is not None
+    return row, False
 
 
 def by_code(conn: Connection, tenant_id: int, code: str) -> Any:
