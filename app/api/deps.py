@@ -1,4 +1,9 @@
-"""Request dependencies, as `Annotated` aliases used in route signatures."""
+"""Request dependencies, as `Annotated` aliases used in route signatures.
+
+The ones that only read app state or check a token are `async def`: FastAPI runs a plain
+`def` dependency in its thread pool, and the hop cost more than the work (a member's join
+went through four of them). Those that open a database connection stay `def`.
+"""
 
 from __future__ import annotations
 
@@ -57,17 +62,17 @@ def storable(value: Any) -> Any:
     return value
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_clock(request: Request) -> Clock:
+async def get_clock(request: Request) -> Clock:
     clock: Clock = request.app.state.clock
     return clock
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
@@ -89,7 +94,7 @@ ClockDep = Annotated[Clock, Depends(get_clock)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def now_dep(clock: ClockDep) -> datetime:
+async def now_dep(clock: ClockDep) -> datetime:
     return clock.now()
 
 
@@ -148,7 +153,7 @@ def _invalid_member_token() -> Unauthorized:
     )
 
 
-def member_claims(request: Request, settings: SettingsDep, now: NowDep) -> MemberClaims:
+async def member_claims(request: Request, settings: SettingsDep, now: NowDep) -> MemberClaims:
     """A valid member token's claims, without touching the database (the event path looks
     the member up inside its own transaction)."""
     presented = _bearer(request)
