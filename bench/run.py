@@ -1,10 +1,10 @@
 """`make bench`: the write path's throughput and latency on SQLite and PostgreSQL, next to a
 bare FastAPI baseline measured in the same run, and the funnel report over 1M members.
 
-Each server runs as users run it (uvicorn, one worker process, the default) in its own
-process; the load comes from another process over 127.0.0.1 (bench/load.py), bounded in
-time and count. What is sent and checked is in bench/scenarios.py. Results go to
-bench/results.md and bench/results.json.
+Each server runs as users run it (uvicorn, one worker process, the default, which starts
+Flywheel's writer processes) in its own process; the load comes from another process over
+127.0.0.1 (bench/load.py), bounded in time and count. What is sent and checked is in
+bench/scenarios.py. Results go to bench/results.md and bench/results.json.
 """
 
 from __future__ import annotations
@@ -275,7 +275,8 @@ def report(
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     md = (
         f"# Benchmark results\n\n{when}; {machine}; {a.connections} connections; uvicorn, "
-        f"one worker process (its default), the load generator in another process on "
+        f"one worker process (its default) with Flywheel's writer processes beside it (one "
+        f"on SQLite, two on PostgreSQL), the load generator in another process on "
         f"127.0.0.1. Webhooks: {a.seconds:g} s of `message.posted` from {a.members:,} members "
         "(signed, Standard Webhooks; office-lunch funnel). Joins: a fifth of the members lead "
         "teams of five and the rest join them in team order (the connections in flight all "
