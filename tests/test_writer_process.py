@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from app.errors import FieldProblem, InvalidDefinition, NotFound, Refused
 from app.events.dispatch import Inbound, InProcess
 from app.events.models import EventLog
-from app.events.writer import WriterProcess, _dumps
+from app.events.writer import _HEADER, WriterProcess, _dumps
 from tests.conftest import T0, settings_for, tenant_with_funnel
 from tests.factories import welcome
 
@@ -119,6 +119,22 @@ def test_the_writer_exits_when_the_service_closes_its_end(engine):
     writer._socket.close()  # as when the service's process dies: its end of the socket closes
     process.join(30)
     assert process.exitcode == 0
+    writer.close()
+
+
+def test_a_batch_the_service_left_before_its_answer_is_committed_and_the_writer_exits(engine):
+    """(The service was killed with a batch in flight: nobody was told it succeeded, and a
+    retry with the same key is answered from the log.)"""
+    tenant_id = tenant_with_funnel(engine, "welcome", welcome(), T0)
+    writer = _writer(engine)
+    writer.open()
+    process, sock = writer._process, writer._socket
+    message = pickle.dumps((_joined(tenant_id, "a", 20), T0))
+    sock.sendall(_HEADER.pack(len(message)) + message)
+    sock.close()  # gone before the answer
+    process.join(30)
+    assert process.exitcode == 0  # no traceback about the answer it could not send
+    assert _stored(engine, tenant_id) == 20
     writer.close()
 
 

@@ -5,14 +5,15 @@ in the event log, finds or creates the member (and locks the member's row, so tw
 one member never interleave), steps every funnel the member is in or enters, and writes the
 instances, stage history, timers and outbox rows, then stores the response on the event row.
 
-`Dispatcher` is group commit. Callers hand it events and wait; a writer thread takes
-everything queued so far, applies each event under its own SAVEPOINT (an event that fails
-is rolled back alone and its caller gets the error), commits once, and only then answers
-every caller of the batch. When idle a lone event is written at once; under load the queue
-that builds up while one batch commits becomes the next batch, so one fsync (SQLite) or one
-round of WAL flush (PostgreSQL) serves many events. With several writers (PostgreSQL), a
-member's events always go to the same writer, so batches never wait on each other's member
-locks; a batch that still hits a deadlock is retried whole, since nothing of it committed.
+`Dispatcher` is group commit. Callers hand it events and wait; a writer (a `Lane`: a writer
+process of its own, app/events/writer.py, or a thread of this process) takes everything
+queued so far, applies each event under its own SAVEPOINT (an event that fails is rolled
+back alone and its caller gets the error), commits once, and only then answers every caller
+of the batch. When idle a lone event is written at once; under load what queues while one
+batch commits becomes the next batch, so one fsync (SQLite) or one round of WAL flush
+(PostgreSQL) serves many events. With several writers (PostgreSQL), a member's events always
+go to the same writer, so batches never wait on each other's member locks; a batch that
+still hits a deadlock is retried whole, since nothing of it committed.
 """
 
 from __future__ import annotations

@@ -195,7 +195,11 @@ def serve(settings: Settings, sock: socket.socket) -> None:
                 for batch, _ in batches:
                     answers.append(_dumps((True, (replies[at : at + len(batch)], size))))
                     at += len(batch)
-            sock.sendall(b"".join(_HEADER.pack(len(a)) + a for a in answers))
+            try:
+                sock.sendall(b"".join(_HEADER.pack(len(a)) + a for a in answers))
+            except (BrokenPipeError, ConnectionResetError):
+                log.warning("the service went away before its last batch was answered")
+                return
     finally:
         engine.dispose()
         sock.close()
@@ -223,6 +227,8 @@ class _Frames:
                 data = self.sock.recv(1 << 20, 0 if block else socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return None
+            except ConnectionResetError:
+                data = b""  # the service is gone: as the end of the stream
             if not data:
                 self.eof = True
             self.buf += data
