@@ -154,6 +154,11 @@ class WriterProcess:
         self._stop()
         if self._reading is not None:
             self._reading.cancel()
+        closed = _unavailable("the service is shutting down")
+        while self._waiting:  # (uvicorn drains requests first: normally none are left)
+            answer = self._waiting.popleft()
+            if not answer.done():
+                answer.set_exception(closed)
 
 
 def _unavailable(why: str) -> OperationalError:
