@@ -58,6 +58,12 @@ class _Plan:
         return tuple(out) if self.positional else dict(zip(self.names, out, strict=True))
 
 
+def _record_class(keys: list[str]) -> Any:
+    """A namedtuple of the columns, with `_mapping` as SQLAlchemy's rows have it."""
+    base: Any = namedtuple("Record", keys)  # type: ignore[misc]  # keys known at run time
+    return type("Record", (base,), {"__slots__": (), "_mapping": property(base._asdict)})
+
+
 @dataclass(frozen=True)
 class _Shape:
     row: Any  # a namedtuple class of the result's column keys
@@ -183,7 +189,7 @@ class Prepared:
             c[3].dialect_impl(dialect).result_processor(dialect, d[1])
             for c, d in zip(columns, cursor.description, strict=True)
         ]
-        shape = self._shapes[dialect.name] = _Shape(namedtuple("Record", keys), processors)
+        shape = self._shapes[dialect.name] = _Shape(_record_class(keys), processors)
         return shape
 
     def scalar(self, conn: Connection, params: Params) -> Any:

@@ -101,6 +101,7 @@ def test_records_read_back_what_connection_execute_reads(engine):
         [r._asdict() for r in mine] == [r._asdict() for r in core] == [r._asdict() for r in again]
     )
     assert first is not None and first.dedupe_key == "a" and first.member_id is None
+    assert first._mapping == core[0]._mapping  # by name, as SQLAlchemy's rows
     assert first.received_at == at and first.received_at.tzinfo is not None
     assert first.data == {"text": '你好 "quoted"', "n": [1, None, 2.5], "none": None}
 

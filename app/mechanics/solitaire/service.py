@@ -143,17 +143,19 @@ def open_due(ctx: Context) -> Effects:
 # ── entries ───────────────────────────────────────────────────────────────────────────────
 # The statements of appending (the hot path) are built once, with parameters: building a
 # statement per call cost more than running it.
-_LIST_BY_SHARE = (
+_LIST_BY_SHARE = Prepared(
     select(list_t)
     .where(list_t.c.public_id == bindparam("b_public"), list_t.c.tenant_id == bindparam("b_tenant"))
     .with_for_update()
 )
-_LIST_BY_ID = select(list_t).where(list_t.c.id == bindparam("b_id"))
+_LIST_BY_ID = Prepared(select(list_t).where(list_t.c.id == bindparam("b_id")))
 _LIST_ID = select(list_t.c.id).where(list_t.c.public_id == bindparam("b_public"))
-_MEMBER_LINES = select(line_t).where(
-    line_t.c.list_id == bindparam("b_list"),
-    line_t.c.member_id == bindparam("b_member"),
-    line_t.c.status == LIVE,
+_MEMBER_LINES = Prepared(
+    select(line_t).where(
+        line_t.c.list_id == bindparam("b_list"),
+        line_t.c.member_id == bindparam("b_member"),
+        line_t.c.status == LIVE,
+    )
 )
 _RESERVE = Prepared(
     update(stock_t)
@@ -179,16 +181,16 @@ _NEW_LINE = Prepared(line_t.insert())
 
 
 def _lock(ctx: Context, public_id: Any) -> Any:
-    sl = ctx.conn.execute(
-        _LIST_BY_SHARE, {"b_public": str(public_id), "b_tenant": ctx.tenant_id}
-    ).first()
+    sl = _LIST_BY_SHARE.record(ctx.conn, {"b_public": str(public_id), "b_tenant": ctx.tenant_id})
     if sl is None:
         raise NotFound(f'no solitaire list "{public_id}"')
     return sl
 
 
 def _get(conn: Connection, list_id: int) -> Any:
-    return conn.execute(_LIST_BY_ID, {"b_id": list_id}).one()
+    sl = _LIST_BY_ID.record(conn, {"b_id": list_id})
+    assert sl is not None, list_id
+    return sl
 
 
 def _menu(sl: Any) -> dict[str, dict[str, Any]]:
@@ -198,10 +200,9 @@ def _menu(sl: Any) -> dict[str, dict[str, Any]]:
 def _member_lines(
     conn: Connection, list_id: int, member_id: int, but: int | None = None
 ) -> list[Any]:
-    q = _MEMBER_LINES
-    if but is not None:
-        q = q.where(line_t.c.id != but)
-    return list(conn.execute(q, {"b_list": list_id, "b_member": member_id}).all())
+    """The member's live lines on the list (but one of them)."""
+    rows = _MEMBER_LINES.records(conn, {"b_list": list_id, "b_member": member_id})
+    return [r for r in rows if r.id != but]
 
 
 def _priced(sl: Any, data: dict[str, Any]) -> rules.Priced:
@@ -611,24 +612,27 @@ def finish(ctx: Context) -> Effects:
 
 
 # ── what callers see ──────────────────────────────────────────────────────────────────────
+_LINES = Prepared(
+    select(
+        line_t.c.seq,
+        line_t.c.status,
+        line_t.c["items"],
+        line_t.c.note,
+        line_t.c.pickup,
+        line_t.c.on_behalf_of,
+        line_t.c.total_fen,
+        line_t.c.member_id,
+        member_t.c.nickname,
+    )
+    .join(member_t, member_t.c.id == line_t.c.member_id)
+    .where(line_t.c.list_id == bindparam("b_list"))
+    .order_by(line_t.c.seq)
+)
+
+
 def lines_of(conn: Connection, list_id: int) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        select(
-            line_t.c.seq,
-            line_t.c.status,
-            line_t.c["items"],
-            line_t.c.note,
-            line_t.c.pickup,
-            line_t.c.on_behalf_of,
-            line_t.c.total_fen,
-            line_t.c.member_id,
-            member_t.c.nickname,
-        )
-        .join(member_t, member_t.c.id == line_t.c.member_id)
-        .where(line_t.c.list_id == list_id)
-        .order_by(line_t.c.seq)
-    ).all()
-    return [dict(r._mapping) for r in rows]
+    """Every line of the list, in order (the list's message renders them all)."""
+    return [r._asdict() for r in _LINES.records(conn, {"b_list": list_id})]
 
 
 def list_json(conn: Connection, sl: Any, with_lines: bool = True) -> dict[str, Any]:
