@@ -13,13 +13,16 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 # Stable constraint names, so migrations can alter them on every backend (before any table).
 NAMING_CONVENTION = {
@@ -74,6 +77,17 @@ def in_memory(url: str) -> bool:
     """A database that lives only in this process's memory (SQLite's `:memory:`)."""
     parsed = make_url(url)
     return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+
+def engine_for(settings: Settings) -> Engine:
+    """The service's engine as its settings configure it (the service's own process and
+    each writer process open theirs with this)."""
+    return make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+    )
 
 
 def make_engine(

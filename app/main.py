@@ -33,7 +33,7 @@ from app.api.member import me, session
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.console import routes as console
-from app.db import in_memory, make_engine
+from app.db import engine_for, in_memory
 from app.engine.definition import FunnelDefinition
 from app.events.dispatch import Dispatcher
 from app.events.schemas import openapi_components
@@ -56,12 +56,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or get_settings()
     own_engine = engine is None  # a writer process can open its own only from the settings
-    engine = engine or make_engine(
-        settings.database_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-    )  # lazy: nothing connects until the first request
+    engine = engine or engine_for(settings)  # lazy: nothing connects until the first request
     clock = clock or SystemClock()
     metrics = Metrics()
     workers = Workers(engine, settings, clock, metrics)

@@ -169,16 +169,19 @@ class Prepared:
     def records(self, conn: Connection, params: Params) -> list[Any]:
         """Execute once; every row, its values processed as `Connection.execute` would,
         its columns attributes (`row.id`, `row.created_at`)."""
-        cursor = self._execute(conn, [params], many=False)
-        shape = self._shapes.get(conn.dialect.name) or self._shape(conn, cursor)
+        cursor, shape = self._shaped(conn, params)
         return [shape.make(r) for r in cursor.fetchall()]
 
     def record(self, conn: Connection, params: Params) -> Any | None:
         """The first of `records`, or None."""
-        cursor = self._execute(conn, [params], many=False)
-        shape = self._shapes.get(conn.dialect.name) or self._shape(conn, cursor)
+        cursor, shape = self._shaped(conn, params)
         row = cursor.fetchone()
         return None if row is None else shape.make(row)
+
+    def _shaped(self, conn: Connection, params: Params) -> tuple[Any, _Shape]:
+        cursor = self._execute(conn, [params], many=False)
+        shape = self._shapes.get(conn.dialect.name) or self._shape(conn, cursor)
+        return cursor, shape
 
     def _shape(self, conn: Connection, cursor: Any) -> _Shape:
         dialect = conn.dialect

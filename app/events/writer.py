@@ -7,14 +7,15 @@ one core at a time: the HTTP side (parsing, signatures, validation, routing) and
 of two). SQLite has one writer anyway, so a second uvicorn worker only waits on its lock;
 a writer process beside the HTTP process is what uses the second core.
 
-`WriterProcess` is one lane of the dispatcher: the lane's thread sends a batch (its items
-and the dispatcher's `now`) down a pipe and blocks, without the GIL, until the process
-answers with the batch's replies, after its commit. The process applies batches one at a
-time with its own engine, exactly as the thread did. It is started with `spawn` (no
-inherited threads, sockets or connections), on first use, and again if it died; a batch it
-was applying when it died is answered 503 (it may or may not have committed: a retry with
-the same idempotency key answers the stored response). When the service's process goes
-away, even by `kill -9`, the pipe closes and the writer exits after its current batch.
+`WriterProcess` is one lane of the dispatcher. The service's event loop sends each batch
+(its items and the dispatcher's `now`) over a socket pair as it forms, without waiting for
+the last one's commit, and answers each batch's callers when the process sends its replies
+back, after its commit. The process applies with its own engine, merging whatever arrived
+while it was busy into its next transaction. It is started with `spawn` (no inherited
+threads, sockets or connections) when the service starts, and again on the next batch if it
+died; batches it had when it died are answered 503 (one may have committed: a retry with the
+same idempotency key answers the stored response). When the service's process goes away,
+even by `kill -9`, the socket closes and the writer exits after its current batch.
 """
 
 from __future__ import annotations
@@ -170,17 +171,12 @@ def serve(settings: Settings, sock: socket.socket) -> None:
     """The writer process: apply what arrives, answer each batch, until the socket closes.
     Batches that arrived while the last transaction ran are merged into the next one (up
     to `dispatch_max_batch` events), written with the newest of their `now`s."""
-    from app.db import make_engine
+    from app.db import engine_for
     from app.heap import freeze_startup_heap
     from app.observability import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
-    engine = make_engine(
-        settings.database_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-    )
+    engine = engine_for(settings)
     freeze_startup_heap()
     frames = _Frames(sock)
     try:
