@@ -151,6 +151,11 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         # spent about a tenth less per event. The WAL file is cut back to 64 MB afterwards.
         cursor.execute("PRAGMA wal_autocheckpoint=10000")
         cursor.execute("PRAGMA journal_size_limit=67108864")
+        # Each event runs under a SAVEPOINT, and SQLite keeps a savepoint's undo pages in a
+        # statement journal: a temporary file by default, written with a pwrite for every
+        # page an event first touches (about a third of the time the join path spent inside
+        # SQLite). In memory it costs no system call; it holds one event's pages at a time.
+        cursor.execute("PRAGMA temp_store=MEMORY")
         cursor.close()
 
     @event.listens_for(engine, "begin")
