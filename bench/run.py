@@ -102,11 +102,13 @@ def bench_flywheel(
     try:
         make = scenarios.Requests(HOST, port, target)
         setup_phase(name, "members joined", load(pool, port, make.joined(a.members), a, 600))
+        scenarios.analyze(target)
         out["webhook"] = load(
             pool, port, make.messages(a.members, int(a.seconds * 6000)), a, a.seconds
         )
         tokens = make.tokens(a.members)
         setup_phase(name, "leaders opened teams", load(pool, port, make.opens(tokens), a, 600))
+        scenarios.analyze(target)
         joins = make.joins(tokens, scenarios.teams(target))
         out["join"] = load(pool, port, joins, a, a.seconds)
         out["join"]["check"] = scenarios.check_teams(target)
