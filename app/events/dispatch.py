@@ -172,6 +172,16 @@ class BatchCache:
         if self._members:
             self._instances = store.instances_of_members(conn, self._members)
 
+    def known_member(self, item: Inbound) -> int | None:
+        """The id of the item's member if the batch prefetched (and locked) it: stored on
+        the event row from its first write, the row's later update changes no indexed
+        column, which PostgreSQL then makes in place (a HOT update, no index entries)."""
+        if item.member is not None:
+            return self._by_ref.get((item.tenant_id, str(item.member["id"])))
+        if item.member_id is not None and item.member_id in self._members:
+            return item.member_id
+        return None
+
     def member_by_ref(self, tenant_id: int, external_id: str) -> Any | None:
         member_id = self._by_ref.get((tenant_id, external_id))
         return self._members.pop(member_id, None) if member_id is not None else None
@@ -304,6 +314,7 @@ def _apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache
         "dedupe_key": item.key,
         "digest": item.digest,
         "type": item.type,
+        "member_id": cache.known_member(item),
         "occurred_at": item.occurred_at or now,
         "received_at": now,
         "data": item.data,
