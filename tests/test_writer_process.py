@@ -15,10 +15,12 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 
+from app.clock import FrozenClock
 from app.errors import FieldProblem, InvalidDefinition, NotFound, Refused
-from app.events.dispatch import Inbound, InProcess
+from app.events.dispatch import Dispatcher, Inbound, InProcess, Reply
 from app.events.models import EventLog
 from app.events.writer import _HEADER, WriterProcess, _dumps
+from app.observability import Metrics
 from tests.conftest import T0, settings_for, tenant_with_funnel
 from tests.factories import welcome
 
@@ -165,3 +167,48 @@ def test_an_error_that_does_not_pickle_is_answered_by_its_name_and_text():
     assert "_Unpicklable: server closed the connection" in str(back)
     ok, other = pickle.loads(_dumps((False, _Unpicklable("boom"))))
     assert isinstance(other, RuntimeError) and str(other) == "_Unpicklable: boom"
+
+
+class _Recording:
+    """A lane that records what it was handed and answers 200."""
+
+    pipelined = False
+
+    def __init__(self) -> None:
+        self.items: list[Inbound] = []
+
+    def open(self) -> None:
+        pass
+
+    async def apply(self, items, now):  # type: ignore[no-untyped-def]
+        self.items.extend(items)
+        return [Reply(200, {}) for _ in items], len(items)
+
+    def close(self) -> None:
+        pass
+
+
+def test_commands_on_one_team_or_list_go_to_one_writer_and_members_spread():
+    """Every join of a team (and every line of a list) queues on that row: one writer takes
+    them all, whichever members send them; other events still go by member."""
+    lanes = [_Recording() for _ in range(4)]
+    dispatcher = Dispatcher(None, FrozenClock(T0), Metrics(), lanes=lanes)  # type: ignore[arg-type]
+
+    def command(kind: str, data: dict[str, str], member_id: int) -> Inbound:
+        return Inbound(1, "member", kind, data=data, member_id=member_id)
+
+    items = [
+        *(command("groupbuy.join", {"team": "tm_hot"}, m) for m in range(40)),
+        *(command("solitaire.append", {"list": "sl_hot"}, m) for m in range(40)),
+        *(command("groupbuy.open", {"funnel": "f", "campaign": "c"}, m) for m in range(40)),
+    ]
+
+    async def send() -> None:
+        await asyncio.gather(*(dispatcher.submit(item) for item in items))
+
+    asyncio.run(send())
+    where = {id(item): i for i, lane in enumerate(lanes) for item in lane.items}
+    assert len(where) == len(items)
+    assert len({where[id(i)] for i in items if i.type == "groupbuy.join"}) == 1
+    assert len({where[id(i)] for i in items if i.type == "solitaire.append"}) == 1
+    assert len({where[id(i)] for i in items if i.type == "groupbuy.open"}) > 1

@@ -12,8 +12,10 @@ back alone and its caller gets the error), commits once, and only then answers e
 of the batch. When idle a lone event is written at once; under load what queues while one
 batch commits becomes the next batch, so one fsync (SQLite) or one round of WAL flush
 (PostgreSQL) serves many events. With several writers (PostgreSQL), a member's events always
-go to the same writer, so batches never wait on each other's member locks; a batch that
-still hits a deadlock is retried whole, since nothing of it committed.
+go to the same writer, so batches seldom wait on each other's member locks, and the commands
+on one contended row (a team's joins, a solitaire list's lines) all go to that row's writer,
+which applies them one after another without waiting; a batch that still hits a deadlock is
+retried whole, since nothing of it committed.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from app.funnels import store
 from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler
 from app.mechanics.community import service as community
 from app.mechanics.referral import service as referral
-from app.mechanics.registry import command_for
+from app.mechanics.registry import command_for, contended
 from app.mechanics.rewards import cards, checkin, points
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
@@ -1055,7 +1057,10 @@ class Dispatcher:
     def _lane(self, item: Inbound) -> int:
         if len(self._queues) == 1:
             return 0
-        who = item.member["id"] if item.member else str(item.member_id)
+        # By the row the command queues on (a team, a solitaire list), else by member.
+        who = contended(item.type, item.data)
+        if who is None:
+            who = item.member["id"] if item.member else str(item.member_id)
         return zlib.crc32(f"{item.tenant_id}:{who}".encode()) % len(self._queues)
 
     async def _drain(self, lane: int) -> None:
