@@ -146,3 +146,28 @@ def test_driver_errors_are_sqlalchemys_and_listeners_see_every_statement(engine)
         with pytest.raises(IntegrityError):
             add.run(conn, _event(tenant_id, "once", at))  # the same idempotency key
     assert seen["INSERT event"] == 2
+
+
+def test_a_datetime_bound_again_and_again_stores_each_value_it_was_given(engine):
+    """Binding remembers the last datetime object it turned into the driver's value: the
+    same object again, another object of the same instant, and then a different instant
+    each store their own value."""
+    tenant_id, _ = new_tenant(engine)
+    first = datetime(2026, 11, 23, 20, 15, 30, 123456, tzinfo=BEIJING)
+    same_instant = first.astimezone(UTC)
+    later = first + timedelta(microseconds=1)
+    prepared = Prepared(insert(event_t).returning(event_t.c.id))
+    sent = [("a", first), ("b", first), ("c", same_instant), ("d", later), ("e", first)]
+    with engine.begin() as conn:
+        for key, at in sent:
+            prepared.scalar(conn, _event(tenant_id, key, at))
+    with engine.connect() as conn:
+        stored = dict(
+            conn.execute(
+                select(event_t.c.dedupe_key, event_t.c.occurred_at).where(
+                    event_t.c.tenant_id == tenant_id
+                )
+            ).all()
+        )
+    assert stored == {key: at for key, at in sent}
+    assert stored["d"] - stored["a"] == timedelta(microseconds=1)
