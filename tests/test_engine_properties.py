@@ -237,3 +237,50 @@ class OfficeLunchMachine(RuleBasedStateMachine):
 
 TestOfficeLunchMachine = OfficeLunchMachine.TestCase
 TestOfficeLunchMachine.settings = settings(settings.default, stateful_step_count=30)
+
+
+# A template is the marketer's text with {{ dotted.names }}: the renderer must fill each name
+# from the context, leave the text around it alone, and render a missing or null value (or a
+# path through a non-object) as empty text, whatever it rendered before for the same template.
+_NAMES = st.sampled_from(["member", "nickname", "event", "amount", "x"])
+_VALUES = st.recursive(
+    st.none() | st.integers(-5, 5) | st.text("ab 元", max_size=3),
+    lambda inner: st.dictionaries(_NAMES, inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _reference_render(template: str, context: Any) -> str:
+    import re
+
+    def value(match: re.Match[str]) -> str:
+        node = context
+        for name in match.group(1).split("."):
+            if not isinstance(node, dict) or name not in node:
+                return ""
+            node = node[name]
+        return "" if node is None else str(node)
+
+    return re.sub(r"\{\{\s*([^{}]*?)\s*\}\}", value, template)
+
+
+@given(
+    pieces=st.lists(
+        st.text("hi {}.", max_size=4)
+        | st.builds(
+            lambda path, pad: "{{" + pad + ".".join(path) + pad + "}}",
+            st.lists(_NAMES, min_size=1, max_size=3),
+            st.sampled_from(["", " "]),
+        ),
+        max_size=5,
+    ),
+    contexts=st.lists(st.dictionaries(_NAMES, _VALUES, max_size=4), min_size=1, max_size=3),
+)
+def test_a_template_renders_each_context_like_a_fresh_substitution(
+    pieces: list[str], contexts: list[dict[str, Any]]
+) -> None:
+    from app.engine.guards import render_template
+
+    template = "".join(pieces)
+    for context in contexts:
+        assert render_template(template, context) == _reference_render(template, context)

@@ -68,3 +68,21 @@ def test_funnel_points_post_to_the_ledger_and_a_deduction_never_goes_negative(en
     [action] = [a for f in r.json()["funnels"] for a in f["actions"]]
     assert action["params"]["points"] == 0 and action["params"]["balance"] == 0
     assert shop.client.get("/v1/member/points", headers=bo).json()["balance"] == 0
+
+
+def test_voucher_codes_are_twelve_typeable_symbols_each_equally_likely():
+    from collections import Counter
+
+    from app.mechanics.vouchers.service import ALPHABET, CODE_LENGTH, new_code, normalize
+
+    codes = [new_code() for _ in range(2000)]
+    assert all(len(c) == CODE_LENGTH and set(c) <= set(ALPHABET) for c in codes)
+    assert len(set(codes)) == len(codes)
+    # A cashier may type it in lower case with dashes, or scan the QR text.
+    c = codes[0]
+    assert normalize(f"{c[:4]}-{c[4:8]}-{c[8:]}".lower()) == c
+    assert normalize(f"flywheel:voucher:{c}") == c
+    # 24,000 symbols: 750 of each expected, sd ~27; a biased draw shows far outside this.
+    counts = Counter("".join(codes))
+    assert set(counts) == set(ALPHABET)
+    assert all(600 < n < 900 for n in counts.values()), counts

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import cel
@@ -118,14 +119,35 @@ def check_template(template: str) -> list[str]:
 
 def render_template(template: str, context: Mapping[str, Any]) -> str:
     """Fill {{ dotted.names }} from the context; a missing value renders as empty text."""
-
-    def value(match: re.Match[str]) -> str:
+    parts = _parsed(template)
+    if len(parts) == 1:
+        return template  # no fields
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            out.append(part)
+            continue
         node: Any = context
-        for part in match.group(1).split("."):
-            if isinstance(node, Mapping) and part in node:
-                node = node[part]
+        for name in part:
+            if isinstance(node, Mapping) and name in node:
+                node = node[name]
             else:
-                return ""
-        return "" if node is None else str(node)
+                node = None
+                break
+        if node is not None:
+            out.append(str(node))
+    return "".join(out)
 
-    return _TEMPLATE_FIELD.sub(value, template)
+
+@lru_cache(maxsize=1024)
+def _parsed(template: str) -> tuple[Any, ...]:
+    """The template split once (a funnel's few templates render on every step): literal
+    text, then each field's dotted path, alternately."""
+    parts: list[Any] = []
+    at = 0
+    for match in _TEMPLATE_FIELD.finditer(template):
+        parts.append(template[at : match.start()])
+        parts.append(tuple(match.group(1).split(".")))
+        at = match.end()
+    parts.append(template[at:])
+    return tuple(parts)
