@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
+    # How often the service copies SQLite's WAL into the database file (app.db's
+    # WalCheckpointer), so the writer need not; 0 leaves it to the writer's commits.
+    sqlite_checkpoint_seconds: float = Field(default=0.2, ge=0)
 
     # Signs member tokens (HS256). Must be set outside development.
     secret_key: str = DEV_SECRET

@@ -33,7 +33,7 @@ from app.api.member import me, session
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.console import routes as console
-from app.db import engine_for, in_memory
+from app.db import WalCheckpointer, engine_for, in_memory
 from app.engine.definition import FunnelDefinition
 from app.events.dispatch import Dispatcher
 from app.events.schemas import openapi_components
@@ -70,11 +70,14 @@ def create_app(
         on_commit=lambda replies: workers.notify() if any(r.actions for r in replies) else None,
         lanes=_writer_processes(settings) if own_engine else None,
     )
+    checkpointer = _checkpointer(engine, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
         dispatcher.open()
+        if checkpointer is not None:
+            checkpointer.start()
         freeze_startup_heap()
         stop = asyncio.Event()
         task = asyncio.create_task(workers.run(stop)) if settings.workers == "on" else None
@@ -85,6 +88,8 @@ def create_app(
             if task is not None:
                 await task
             dispatcher.close()
+            if checkpointer is not None:
+                checkpointer.stop()
             engine.dispose()
 
     app = FastAPI(title="Flywheel", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -143,6 +148,15 @@ def _writer_processes(settings: Settings) -> list[WriterProcess] | None:
     if settings.dispatch_mode != "process" or in_memory(settings.database_url):
         return None
     return [WriterProcess(settings, f"flywheel-writer-{i}") for i in range(settings.writers)]
+
+
+def _checkpointer(engine: Engine, settings: Settings) -> WalCheckpointer | None:
+    """A SQLite file's WAL is copied into it by a thread of the service (app.db), whichever
+    process writes."""
+    url = engine.url.render_as_string(hide_password=False)
+    if engine.dialect.name != "sqlite" or in_memory(url) or not settings.sqlite_checkpoint_seconds:
+        return None
+    return WalCheckpointer(url, settings.sqlite_checkpoint_seconds)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

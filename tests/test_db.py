@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
+from app.config import Settings
+from app.db import WalCheckpointer, make_engine
 from app.engine.definition import json_schema
 from app.migrations import drift
 from tests.conftest import FUNNELS
@@ -25,6 +34,68 @@ def test_sqlite_runs_in_wal_with_foreign_keys_and_a_roomy_checkpoint(engine):
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 5000
         assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 10000
         assert conn.execute(text("PRAGMA journal_size_limit")).scalar() == 64 * 1024 * 1024
+
+
+def _rows_in_database_file(path: Path, tmp: Path) -> int:
+    """The rows the database file itself holds: a copy of it without its WAL."""
+    copy = tmp / "copy.db"
+    shutil.copyfile(path, copy)
+    with sqlite3.connect(copy) as conn:
+        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 't'").fetchone()
+        return int(conn.execute("SELECT count(*) FROM t").fetchone()[0]) if tables[0] else 0
+
+
+def _write_rows(engine: Engine, n: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x TEXT)"))
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "x" * 500} for _ in range(n)])
+
+
+def test_the_checkpointer_copies_committed_rows_into_the_database_file(tmp_path):
+    """The writer's commits leave ~40 MB of WAL before they copy any of it themselves; the
+    service's checkpointer copies a few hundred KB within its interval, and stops when told."""
+    path = tmp_path / "f.db"
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)  # open throughout: the last connection to close checkpoints
+    _write_rows(engine, 500)
+    time.sleep(0.3)
+    assert _rows_in_database_file(path, tmp_path) == 0  # still only in the WAL
+
+    checkpointer = WalCheckpointer(url, interval=0.05)
+    checkpointer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while _rows_in_database_file(path, tmp_path) < 500 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _rows_in_database_file(path, tmp_path) == 500
+    finally:
+        checkpointer.stop()
+        engine.dispose()
+    assert not any(t.name == "flywheel-checkpoint" for t in threading.enumerate())
+
+
+def _checkpoint_threads() -> int:
+    return sum(t.name == "flywheel-checkpoint" for t in threading.enumerate())
+
+
+async def _threads_while_running(app: Any) -> int:
+    async with app.router.lifespan_context(app):
+        return _checkpoint_threads()
+
+
+def test_the_service_checkpoints_a_sqlite_file_while_it_runs_and_not_in_memory(tmp_path):
+    from app.main import create_app
+
+    url = f"sqlite:///{tmp_path / 'svc.db'}"
+    for settings, expected in (
+        (Settings(database_url=url, dispatch_mode="thread", workers="off"), 1),
+        (Settings(database_url=url, workers="off", sqlite_checkpoint_seconds=0), 0),
+        (Settings(database_url="sqlite://", workers="off"), 0),
+    ):
+        before = _checkpoint_threads()
+        assert asyncio.run(_threads_while_running(create_app(settings))) - before == expected
+        assert _checkpoint_threads() == before
 
 
 def test_published_json_schema_is_generated_from_the_models():
