@@ -32,11 +32,21 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    delete,
+    insert,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.clock import Clock
-from app.db import insert_or_skip
+from app.db import insert_or_skip, one_of
 from app.engine import MemberState, step
 from app.engine.catalogue import BUILTIN_EVENTS
 from app.engine.schedule import parse_duration
@@ -158,14 +168,14 @@ class BatchCache:
             *(
                 r
                 for tenant, ext in refs.items()
-                for r in conn.execute(
-                    _MEMBERS_BY_EXTERNAL, {"b_tenant": tenant, "b_ext": sorted(ext)}
+                for r in _MEMBERS_BY_EXTERNAL.records(
+                    conn, {"b_tenant": tenant, "b_ext": sorted(ext)}
                 )
             ),
             *(
                 r
                 for tenant, wanted in ids.items()
-                for r in conn.execute(_MEMBERS_BY_ID, {"b_tenant": tenant, "b_ids": sorted(wanted)})
+                for r in _MEMBERS_BY_ID.records(conn, {"b_tenant": tenant, "b_ids": sorted(wanted)})
             ),
         ]
         for r in rows:
@@ -282,19 +292,28 @@ _MEMBER_BY_ID = Prepared(
 
 # The batch's members, locked in one order (id), so two writers never wait on each other
 # in a cycle over the same members.
-def _locked_members(which: Any) -> Any:
+def _locked_members(which: Any, tenant: Any = member_t.c.tenant_id) -> Any:
     return (
         select(member_t)
-        .where(member_t.c.tenant_id == bindparam("b_tenant"), which)
+        .where(tenant == bindparam("b_tenant"), which)
         .order_by(member_t.c.id)
         .with_for_update()
     )
 
 
-_MEMBERS_BY_EXTERNAL = _locked_members(
-    member_t.c.external_id.in_(bindparam("b_ext", expanding=True))
+_MEMBERS_BY_EXTERNAL = Prepared(
+    {d: _locked_members(c) for d, c in one_of(member_t.c.external_id, "b_ext").items()}
 )
-_MEMBERS_BY_ID = _locked_members(member_t.c.id.in_(bindparam("b_ids", expanding=True)))
+_BY_IDS = one_of(member_t.c.id, "b_ids")
+_MEMBERS_BY_ID = Prepared(
+    {
+        "postgresql": _locked_members(_BY_IDS["postgresql"]),
+        # `tenant_id + 0`: checked on each row found by id, not looked up in the (tenant,
+        # external id) index; SQLite's planner, without statistics, read the tenant's
+        # whole index for it rather than the few ids of the list.
+        "sqlite": _locked_members(_BY_IDS["sqlite"], member_t.c.tenant_id + literal_column("0")),
+    }
+)
 _NEW_MEMBER = insert_or_skip(member_t, ["tenant_id", "external_id"])
 _DROP_TIMER = delete(timer_t).where(timer_t.c.id == bindparam("b_id"))
 

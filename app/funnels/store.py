@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, and_, bindparam, delete, func, insert, select, update
 
-from app.db import once_per_transaction
+from app.db import once_per_transaction, one_of
 from app.engine import CompiledFunnel, MemberState, Outcome, compile_document
 from app.engine.state import StageChange
 from app.funnels.entries import Entry
@@ -177,8 +177,8 @@ def member_instances(conn: Connection, member_id: int) -> dict[int, InstanceRow]
     return {r.funnel_id: _row(r) for r in rows}
 
 
-_BY_MEMBERS = _instance_query().where(
-    instance_t.c.member_id.in_(bindparam("b_members", expanding=True))
+_BY_MEMBERS = Prepared(
+    {d: _instance_query().where(c) for d, c in one_of(instance_t.c.member_id, "b_members").items()}
 )
 
 
@@ -188,7 +188,7 @@ def instances_of_members(
     """Several members' instances (by member, then funnel) in one statement; every member
     asked about gets an entry, empty if they are in no funnel."""
     out: dict[int, dict[int, InstanceRow]] = {m: {} for m in member_ids}
-    for r in conn.execute(_BY_MEMBERS, {"b_members": sorted(out)}):
+    for r in _BY_MEMBERS.records(conn, {"b_members": sorted(out)}):
         out[r.member_id][r.funnel_id] = _row(r)
     return out
 
