@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from itertools import pairwise
 from typing import Any
@@ -78,6 +79,7 @@ def test_a_batch_reads_its_members_and_their_instances_once(engine):
     seen = _messages_after(engine, tenant_id, 10)
     assert seen["SELECT member"] == 1, seen
     assert seen["SELECT funnel_instance"] == 1, seen
+    assert seen["UPDATE event"] == 1, seen  # the responses, one executemany for the batch
     per_event = sum(seen.values()) / 10
     assert per_event <= 12, seen  # claim, two activity rows, instance, stage rows, outbox…
 
@@ -87,6 +89,20 @@ def test_what_an_event_costs_does_not_grow_with_the_members_around_it(engine):
     other = tenant_with_funnel(engine, "welcome", welcome(), T0, name="big")
     big = _messages_after(engine, other, 300)
     assert big == small
+
+
+def test_a_key_repeated_in_the_same_batch_answers_the_first_response_or_409(engine):
+    """Responses reach their rows with the batch's last statement: a repeat of a key in
+    the same batch is answered from the batch, byte for byte, as a later one is from the row."""
+    tenant_id = tenant_with_funnel(engine, "welcome", welcome(), T0)
+    (first,) = _events(tenant_id, "member.joined", range(1), "d")
+    other_body = replace(first, digest="another body")
+    replies = apply_batch(engine, [first, first, other_body], T0)
+    assert replies[0].ok and not replies[0].replayed
+    assert replies[1].replayed and replies[1].raw == replies[0].raw
+    assert replies[2].status == 409
+    later = apply_batch(engine, [first], T0)[0]
+    assert later.replayed and later.raw == replies[0].raw
 
 
 # ── group commit is invisible ─────────────────────────────────────────────────────────────

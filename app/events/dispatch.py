@@ -3,7 +3,8 @@
 `apply_one` applies one event inside the caller's transaction: it claims the idempotency key
 in the event log, finds or creates the member (and locks the member's row, so two events of
 one member never interleave), steps every funnel the member is in or enters, and writes the
-instances, stage history, timers and outbox rows, then stores the response on the event row.
+instances, stage history, timers and outbox rows; the response reaches the event row with the
+batch's others, in one statement before the commit (`BatchCache.run_deferred`).
 
 `Dispatcher` is group commit. Callers hand it events and wait; a writer (a `Lane`: a writer
 process of its own, app/events/writer.py, or a thread of this process) takes everything
@@ -149,6 +150,11 @@ class BatchCache:
         # well, so an event rolled back to its savepoint leaves nothing behind.
         self._deferred: dict[Hashable, Deferred] = {}
         self._staged: dict[Hashable, Deferred] = {}
+        # Each applied event's response, stored on its row by one statement for the batch
+        # (`run_deferred`); by idempotency key too, for a repeat later in the same batch.
+        self._responses: list[dict[str, Any]] = []
+        self._answered: dict[tuple[int, str, str], tuple[str | None, str]] = {}
+        self._response: tuple[dict[str, Any], Inbound] | None = None
 
     def open_versions(self, conn: Connection, tenant_id: int) -> list[store.VersionRef]:
         hit = self.versions.get(tenant_id)
@@ -219,6 +225,19 @@ class BatchCache:
     def begin_event(self) -> None:
         self._staged = {}
         self._written = {}
+        self._response = None
+
+    def respond(self, event_id: int, member_id: int | None, raw: str, item: Inbound) -> None:
+        """The event's response, for its row once the event has ended well."""
+        row = {"b_id": event_id, "b_member": member_id, "b_status": 200, "b_response": raw}
+        self._response = (row, item)
+
+    def answered(self, item: Inbound) -> tuple[str | None, str] | None:
+        """(digest, response) of an event with the item's key applied earlier in this
+        batch, whose row does not hold its response yet."""
+        if item.key is None:
+            return None
+        return self._answered.get((item.tenant_id, item.source, item.key))
 
     def defer(self, key: Hashable, work: Deferred) -> None:
         self._staged[key] = work
@@ -232,11 +251,25 @@ class BatchCache:
         self._staged = {}
         self._instances.update(self._written)
         self._written = {}
+        if self._response is not None:
+            row, item = self._response
+            self._responses.append(row)
+            if item.key is not None:
+                self._answered[(item.tenant_id, item.source, item.key)] = (
+                    item.digest,
+                    row["b_response"],
+                )
+            self._response = None
 
     def run_deferred(self, conn: Connection) -> int:
-        """Run the deferred work, each under a savepoint of its own, before the commit; the
-        number of actions it queued. A failure is logged and skipped: deferred work is a
-        message about state that is stored already, and must not undo the events."""
+        """Store the events' responses, then run the deferred work, each under a savepoint of
+        its own, before the commit; the number of actions it queued. A failure is logged and
+        skipped: deferred work is a message about state that is stored already, and must not
+        undo the events."""
+        responses, self._responses, self._answered = self._responses, [], {}
+        # One executemany: on PostgreSQL one round trip for the batch (an update each took
+        # 58 µs of the writer's CPU and 109 µs of its time; together 26 and 36 per event).
+        _RESPOND.run_many(conn, responses)
         n, work, self._deferred = 0, list(self._deferred.values()), {}
         for run in work:
             savepoint = conn.begin_nested()
@@ -343,7 +376,7 @@ def _apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache
     if item.key is not None:
         event_id = _CLAIM_KEY.scalar(conn, row)
         if event_id is None:
-            return _replay(conn, item)
+            return _replay(conn, item, cache)
     else:
         event_id = _INSERT_EVENT.scalar(conn, row)
 
@@ -355,29 +388,27 @@ def _apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache
     else:
         body, n_actions = _step_funnels(conn, item, event_id, now, cache)
     raw = orjson.dumps(body)
-    _RESPOND.run(
-        conn,
-        {
-            "b_id": event_id,
-            "b_member": body["member"]["id"] if body["member"] else None,
-            "b_status": 200,
-            "b_response": raw.decode(),
-        },
-    )
+    member_id = body["member"]["id"] if body["member"] else None
+    cache.respond(event_id, member_id, raw.decode(), item)
     return Reply(200, body, actions=n_actions, raw=raw)
 
 
-def _replay(conn: Connection, item: Inbound) -> Reply:
-    prior = conn.execute(
-        _PRIOR, {"b_tenant": item.tenant_id, "b_source": item.source, "b_key": item.key}
-    ).one()
-    if prior.digest != item.digest:
+def _replay(conn: Connection, item: Inbound, cache: BatchCache) -> Reply:
+    earlier = cache.answered(item)
+    if earlier is not None:
+        digest, response, status = *earlier, 200
+    else:
+        prior = conn.execute(
+            _PRIOR, {"b_tenant": item.tenant_id, "b_source": item.source, "b_key": item.key}
+        ).one()
+        digest, response, status = prior.digest, prior.response, prior.status_code
+    if digest != item.digest:
         raise Conflict(
             f'idempotency key "{item.key}" was already used with a different body; '
             "send a new key for a new event, or the same body to repeat the first"
         )
-    raw = (prior.response or "{}").encode()
-    return Reply(prior.status_code or 200, orjson.loads(raw), replayed=True, raw=raw)
+    raw = (response or "{}").encode()
+    return Reply(status or 200, orjson.loads(raw), replayed=True, raw=raw)
 
 
 def _member(
