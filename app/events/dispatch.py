@@ -946,14 +946,23 @@ class _Savepoint:
     """A SAVEPOINT per event, sent on the driver's cursor. SQLAlchemy's `begin_nested` does
     the same with bookkeeping that cost more than the event's own statements (about 150 µs
     per event on SQLite); the root transaction stays SQLAlchemy's, and one name serves
-    because every savepoint is released or rolled back before the next is taken."""
+    because every savepoint is released or rolled back before the next is taken.
+
+    Ending one event's savepoint and taking the next event's is one round trip on
+    PostgreSQL (its simple protocol takes several statements: 64 -> 34 µs of the writer's
+    CPU, 86 -> 45 µs of its time); sqlite3 takes one statement at a time, and costs little
+    for each. A savepoint rolled back to stays open, fresh, for the next event."""
+
+    NAME = "flywheel_event"
 
     def __init__(self, conn: Connection) -> None:
         self._cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         self._driver_error: type[Exception] = conn.dialect.loaded_dbapi.Error
+        self._joined = conn.dialect.name == "postgresql"
 
     def _run(self, *statements: str) -> None:
-        for statement in statements:
+        batches = ["; ".join(statements)] if self._joined else statements
+        for statement in batches:
             try:
                 self._cursor.execute(statement)
             except self._driver_error as exc:
@@ -962,13 +971,21 @@ class _Savepoint:
                 raise OperationalError(statement, None, exc, connection_invalidated=True) from exc
 
     def begin(self) -> None:
-        self._run("SAVEPOINT flywheel_event")
+        self._run(f"SAVEPOINT {self.NAME}")
 
-    def release(self) -> None:
-        self._run("RELEASE SAVEPOINT flywheel_event")
+    def release(self, *, again: bool) -> None:
+        """The event's changes kept; `again`: the next event's savepoint taken."""
+        if again:
+            self._run(f"RELEASE SAVEPOINT {self.NAME}", f"SAVEPOINT {self.NAME}")
+        else:
+            self._run(f"RELEASE SAVEPOINT {self.NAME}")
 
-    def rollback(self) -> None:
-        self._run("ROLLBACK TO SAVEPOINT flywheel_event", "RELEASE SAVEPOINT flywheel_event")
+    def rollback(self, *, again: bool) -> None:
+        """The event's changes undone; `again`: the savepoint kept for the next event."""
+        if again:
+            self._run(f"ROLLBACK TO SAVEPOINT {self.NAME}")
+        else:
+            self._run(f"ROLLBACK TO SAVEPOINT {self.NAME}", f"RELEASE SAVEPOINT {self.NAME}")
 
 
 def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -> list[Reply]:
@@ -977,12 +994,14 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
     with engine.connect() as conn, conn.begin():
         cache.prefetch(conn, items)
         savepoint = _Savepoint(conn)
-        for item in items:
+        if items:
             savepoint.begin()
+        for n, item in enumerate(items, 1):
+            more = n < len(items)
             try:
                 reply = apply_one(conn, item, now, cache)
             except DomainError as exc:
-                savepoint.rollback()
+                savepoint.rollback(again=more)
                 replies.append(Reply(exc.status, {}, error=exc))
                 continue
             except OperationalError as exc:
@@ -990,18 +1009,18 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
                     # The transaction is aborted (retry the batch) or its connection is lost
                     # (the whole batch is answered 503; nothing of it was committed).
                     raise
-                savepoint.rollback()
+                savepoint.rollback(again=more)
                 cache.forget()
                 log.exception("event failed in the write path", extra={"fields": _ids(item)})
                 replies.append(Reply(500, {}, error=WritePathError(str(exc.orig))))
                 continue
             except Exception as exc:  # a bug for one event must not fail the others
-                savepoint.rollback()
+                savepoint.rollback(again=more)
                 cache.forget()
                 log.exception("event failed in the write path", extra={"fields": _ids(item)})
                 replies.append(Reply(500, {}, error=WritePathError(type(exc).__name__)))
                 continue
-            savepoint.release()
+            savepoint.release(again=more)
             replies.append(reply)
         queued = cache.run_deferred(conn)
     if queued and replies:  # said on a reply, so the commit wakes the outbox's delivery
