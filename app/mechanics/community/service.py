@@ -267,30 +267,47 @@ def group_reward(
 
 
 # ── activity ──────────────────────────────────────────────────────────────────────────────
-def _touch() -> dict[str, Any]:
+def _touch(dialect: Any) -> Any:
     """A message's write of the member's counters in the group (joining them if the bot never
-    said they joined), built once per dialect."""
-    touch = {}
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
-        ins: Any = dialect.insert(group_member_t)
-        touch[name] = ins.on_conflict_do_update(
-            index_elements=["tenant_id", "group_id", "member_id"],
-            set_={
-                "messages": group_member_t.c.messages + 1,
-                "last_seen_at": ins.excluded.last_seen_at,
-                "warned_at": None,
-            },
-        )
-    return touch
-
-
-_TOUCH = Prepared(_touch())
-# The member's day row: its counters add up.
-_BUMP_DAY = Prepared(
-    insert_or_add(
-        day_t, ["tenant_id", "group_id", "member_id", "day"], ["messages", "shares", "questions"]
+    said they joined)."""
+    ins: Any = dialect.insert(group_member_t)
+    return ins.on_conflict_do_update(
+        index_elements=["tenant_id", "group_id", "member_id"],
+        set_={
+            "messages": group_member_t.c.messages + 1,
+            "last_seen_at": ins.excluded.last_seen_at,
+            "warned_at": None,
+        },
     )
-)
+
+
+# The member's day row: its counters add up.
+_DAY_KEY = ["tenant_id", "group_id", "member_id", "day"]
+_DAY_COUNTS = ["messages", "shares", "questions"]
+
+
+def _activity_in_one() -> Any:
+    """Both of a message's writes as one PostgreSQL statement (the member's row in a
+    data-modifying WITH): one round trip instead of two, about 40 µs of the writer's CPU
+    per message. sqlite3 takes one statement at a time, and SQLite has no WITH for writes."""
+    key: dict[str, Any] = {c: bindparam(c) for c in ("tenant_id", "group_id", "member_id")}
+    now: Any = bindparam("now")
+    touch = _touch(postgresql).values(**key, joined_at=now, messages=1, last_seen_at=now)
+    day: Any = insert_or_add(day_t, _DAY_KEY, _DAY_COUNTS)["postgresql"]
+    day = day.values(
+        **key,
+        day=bindparam("day"),
+        messages=1,
+        shares=bindparam("shares"),
+        questions=bindparam("questions"),
+    )
+    return day.add_cte(touch.cte("touch"))
+
+
+# SQLite: the two writes one after the other; PostgreSQL: one statement.
+_TOUCH = Prepared(_touch(sqlite))
+_BUMP_DAY = Prepared(insert_or_add(day_t, _DAY_KEY, _DAY_COUNTS)["sqlite"])
+_ACTIVITY = Prepared(_activity_in_one())
 
 
 def is_share(data: dict[str, Any]) -> bool:
@@ -313,18 +330,17 @@ def _message(
 ) -> None:
     text = str(data.get("text") or "")
     key = {"tenant_id": tenant_id, "group_id": group_id, "member_id": m.id}
+    counts = {
+        "day": now.astimezone(settings.zone if settings else DEFAULT_ZONE).date(),
+        "shares": int(is_share(data)),
+        "questions": int(bool(_QUESTION.search(text))),
+    }
     # a message also shows they are in the group
-    _TOUCH.run(conn, {**key, "joined_at": now, "messages": 1, "last_seen_at": now})
-    _BUMP_DAY.run(
-        conn,
-        {
-            **key,
-            "day": now.astimezone(settings.zone if settings else DEFAULT_ZONE).date(),
-            "messages": 1,
-            "shares": int(is_share(data)),
-            "questions": int(bool(_QUESTION.search(text))),
-        },
-    )
+    if conn.dialect.name == "postgresql":
+        _ACTIVITY.run(conn, {**key, **counts, "now": now})
+    else:
+        _TOUCH.run(conn, {**key, "joined_at": now, "messages": 1, "last_seen_at": now})
+        _BUMP_DAY.run(conn, {**key, **counts, "messages": 1})
     if settings is not None:
         moderate(conn, tenant_id, row, settings.moderation, m, data, event_id, now, effects)
 
