@@ -38,6 +38,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
 
+from app.turn import turn_for
+
 if TYPE_CHECKING:
     from app.config import Settings
 
@@ -50,6 +52,10 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 READ_ONLY = "flywheel_read_only"
+# The dispatcher's writer marks its connection so: on SQLite it gives way to other writers
+# before each batch (app/turn.py).
+GIVES_WAY = "flywheel_gives_way"
+_ASKED = "flywheel_asked_turn"
 log = logging.getLogger("flywheel.db")
 metadata: MetaData = SQLModel.metadata
 
@@ -148,7 +154,7 @@ def make_engine(
             json_serializer=_json_dumps,
             json_deserializer=orjson.loads,
         )
-        _configure_sqlite(engine, busy_timeout_ms)
+        _configure_sqlite(engine, busy_timeout_ms, None if in_memory(url) else parsed.database)
         return engine
     return create_engine(
         url,
@@ -168,7 +174,9 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int, database: str | None) -> None:
+    turn = turn_for(database) if database else None  # one connection in memory: no turns
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
@@ -194,10 +202,40 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # Readers marked with READ_ONLY take a deferred BEGIN: in WAL mode they never wait
-        # for the writer, and the writer never waits for them.
-        read_only = conn.get_execution_options().get(READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        options = conn.get_execution_options()
+        if options.get(READ_ONLY, False):
+            # Readers take a deferred BEGIN: in WAL mode they never wait for the writer,
+            # and the writer never waits for them.
+            conn.exec_driver_sql("BEGIN")
+            return
+        if turn is not None:
+            if options.get(GIVES_WAY, False):
+                turn.give_way()
+            else:
+                turn.ask()
+                conn.info[_ASKED] = turn
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _end_turn(conn.info)
+            raise
+
+    # An ask lasts until the transaction ends: committed, rolled back, or its connection
+    # returned to the pool with the transaction still open (the pool rolls it back).
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _on_end(conn: Any) -> None:
+        _end_turn(conn.info)
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        _end_turn(record.info)
+
+
+def _end_turn(info: dict[str, Any]) -> None:
+    turn = info.pop(_ASKED, None)
+    if turn is not None:
+        turn.done()
 
 
 class WalCheckpointer:

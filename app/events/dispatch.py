@@ -47,7 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.clock import Clock
-from app.db import insert_or_skip, one_of
+from app.db import GIVES_WAY, insert_or_skip, one_of
 from app.engine import MemberState, step
 from app.engine.catalogue import BUILTIN_EVENTS
 from app.engine.schedule import parse_duration
@@ -991,7 +991,8 @@ class _Savepoint:
 def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -> list[Reply]:
     replies: list[Reply] = []
     cache = BatchCache()
-    with engine.connect() as conn, conn.begin():
+    # On SQLite the batch waits for other writers (workers' rounds) to have their turn.
+    with engine.connect().execution_options(**{GIVES_WAY: True}) as conn, conn.begin():
         cache.prefetch(conn, items)
         savepoint = _Savepoint(conn)
         if items:
