@@ -232,6 +232,8 @@ def test_metrics_count_accepted_and_refused_events(source):
     assert 'flywheel_events_total{reason="",result="accepted"} 1.0' in text
     assert 'flywheel_events_total{reason="unauthorized",result="refused"} 1.0' in text
     assert "flywheel_dispatch_seconds_bucket" in text
+    assert "flywheel_dispatch_batch_events_count 1.0" in text  # one commit, of one event
+    assert "flywheel_dispatch_batch_events_sum 1.0" in text
     assert 'flywheel_outbox_rows{status="pending"} 1.0' in text
     # The join's first entries wait for the workers' roll-up: the report's lag, in pairs.
     assert "flywheel_report_entries_unrolled 2.0" in text  # acquire, in version 1 and in all

@@ -1042,8 +1042,9 @@ class WritePathError(DomainError):
 
 class Lane(Protocol):
     """Applies one lane's batches in order: `apply_batch`, here or elsewhere. `apply`
-    answers the batch's replies and the number of events committed in their transaction
-    (more than the batch when the lane merged batches)."""
+    answers the batch's replies and the number of events committed in their transaction:
+    more than the batch when the lane merged batches, told with the first of them (0 with
+    the others), so each commit is counted once."""
 
     pipelined: bool  # takes the next batch before the last one committed (and merges them)
 
@@ -1168,7 +1169,8 @@ class Dispatcher:
                     future.set_exception(exc)
             return
         done = time.perf_counter()
-        self.metrics.batch_size.observe(committed)
+        if committed:
+            self.metrics.batch_size.observe(committed)
         for (_, future, started), reply in zip(batch, replies, strict=True):
             self.metrics.dispatch_seconds.observe(done - started)
             if not future.done():

@@ -192,9 +192,12 @@ def serve(settings: Settings, sock: socket.socket) -> None:
             except Exception as exc:  # the dispatcher decides what a failed batch means
                 answers = [_dumps((False, exc))] * len(batches)
             else:
+                # the transaction's size once, with its first batch: a histogram of
+                # batch sizes counts each commit once however many batches it merged
                 answers, at = [], 0
-                for batch, _ in batches:
-                    answers.append(_dumps((True, (replies[at : at + len(batch)], size))))
+                for n, (batch, _) in enumerate(batches):
+                    answer = (replies[at : at + len(batch)], size if n == 0 else 0)
+                    answers.append(_dumps((True, answer)))
                     at += len(batch)
             try:
                 sock.sendall(b"".join(_HEADER.pack(len(a)) + a for a in answers))
