@@ -216,10 +216,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _engine() -> Engine:
+    """The engine the service would open: its pool size, SQLite busy timeout and all."""
     from app.config import get_settings
-    from app.db import make_engine
+    from app.db import engine_for
 
-    return make_engine(get_settings().database_url)
+    return engine_for(get_settings())
 
 
 def _now() -> datetime:
