@@ -88,7 +88,7 @@ class Workers:
         writer is busy (SQLite's lock under load, a deadlock, a lost connection) nothing
         was committed; the next round takes the same pairs."""
         try:
-            n = entries.roll_up(self.engine)
+            n = entries.roll_up(self.engine, entries.ROLL_CHUNK)
         except OperationalError as exc:
             log.warning("roll-up rolled back: %s", exc.orig)
             return 0
@@ -145,7 +145,7 @@ class Workers:
             await asyncio.gather(
                 self._every(stop, self._timers_round),
                 self._every(stop, lambda: self.deliver(client), wake=self._wake),
-                self._every(stop, lambda: asyncio.to_thread(self.roll_up)),
+                self._every(stop, self._roll_up_round),
                 self._every(stop, self._prune_round),
             )
         finally:
@@ -153,6 +153,12 @@ class Workers:
 
     async def _timers_round(self) -> int:
         return len(await asyncio.to_thread(self.fire_timers))
+
+    async def _roll_up_round(self) -> bool:
+        """Go again at once only after a whole chunk (more may be waiting): pairs that
+        trickle in under load wait for the next poll, not a round each (on SQLite, each
+        round is a turn the dispatcher's writer gives way for)."""
+        return await asyncio.to_thread(self.roll_up) >= entries.ROLL_CHUNK
 
     async def _prune_round(self) -> int:
         now = self.clock.now()

@@ -421,3 +421,24 @@ def test_a_roll_up_round_that_finds_the_writer_busy_waits_for_the_next(
     assert "roll-up rolled back: database is locked" in caplog.text
     assert workers.roll_up() == 2  # acquire, in version 1 and in every version
     impatient.dispose()
+
+
+def test_a_roll_up_round_goes_again_at_once_only_after_a_whole_chunk(setup, monkeypatch):
+    """Under load pairs trickle in: a round that took fewer than a chunk waits for the next
+    poll instead of taking the writer's turn again and again."""
+    import asyncio
+
+    from app.funnels import entries
+
+    app, _client, _h, source = setup
+    workers = app.state.workers
+    monkeypatch.setattr(entries, "ROLL_CHUNK", 2)
+    source.send(event("member.joined", "wx-1"))  # acquire, in version 1 and in every version
+    source.send(event("member.joined", "wx-2"))
+    assert asyncio.run(workers._roll_up_round()) is True  # a whole chunk: maybe more
+    assert asyncio.run(workers._roll_up_round()) is True
+    assert asyncio.run(workers._roll_up_round()) is False  # none left: wait for the poll
+    source.send(event("member.joined", "wx-3"))
+    monkeypatch.setattr(entries, "ROLL_CHUNK", 5)
+    assert asyncio.run(workers._roll_up_round()) is False  # two of five: wait
+    assert workers.totals.rolled_up == 6
