@@ -41,7 +41,6 @@ _turns_lock = threading.Lock()
 
 class Turn:
     def __init__(self, path: str) -> None:
-        self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._lock = threading.Lock()
         self._asking = 0
