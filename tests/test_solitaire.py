@@ -11,6 +11,7 @@ import pytest
 
 from app.events.dispatch import apply_batch
 from app.mechanics.solitaire.schedule import due_openings
+from app.mechanics.solitaire.service import ANNOUNCE_EVERY
 from app.mechanics.vouchers.models import Voucher
 from tests.conftest import command, event
 from tests.test_groupbuy import Shop, refused
@@ -246,9 +247,12 @@ def test_the_group_bot_appends_replies_and_answers_what_it_cannot_read(shop):
     for openid in ("ann", "bea", "cai"):
         shop.login(openid)
     sl = open_list(shop)
-    said = lambda text, who: shop.bot.send(  # noqa: E731
-        event("message.posted", who, group_id="office-lunch-perks", message_id=text, text=text)
-    )
+
+    def said(text: str, who: str) -> Any:  # a second apart: each change is announced at once
+        shop.clock.advance(ANNOUNCE_EVERY)
+        data = {"group_id": "office-lunch-perks", "message_id": text, "text": text}
+        return shop.bot.send(event("message.posted", who, **data))
+
     r = said("＋１　红烧肉饭", "ann")
     assert r.status_code == 200, r.text
     assert r.json()["result"]["outcome"] == "appended" and r.json()["result"]["line"] == 1
@@ -346,7 +350,7 @@ def test_a_burst_of_appends_updates_the_list_message_once_with_the_final_list(sh
     line = {"list": sl["id"], "items": [{"sku": "veg-set", "qty": 1}]}
     burst = [command(shop.tenant_id, "solitaire.append", w, **line) for w in who]
     burst.insert(2, command(shop.tenant_id, "solitaire.append", "w0", list=sl["id"], items=[]))
-    replies = apply_batch(shop.engine, burst, shop.clock.now())
+    replies = apply_batch(shop.engine, burst, shop.clock.advance(ANNOUNCE_EVERY))
     assert [r.status for r in replies] == [200, 200, 422, 200, 200, 200]  # one bad line
     assert all("lines" not in r.body["result"]["list"] for r in replies if r.ok)  # lean answers
     updates = [u["params"] for u in shop.outbox("update_list_message")][before:]
@@ -355,6 +359,49 @@ def test_a_burst_of_appends_updates_the_list_message_once_with_the_final_list(sh
     assert update["count"] == 5 and update["revision"] == replies[-1].body["event_id"]
     numbered = [ln for ln in update["text"].splitlines() if ln[:1].isdigit() and ". " in ln]
     assert [ln.split(". ")[1].split()[0] for ln in numbered] == who  # every line, in order
+
+
+def test_a_busy_list_is_announced_once_a_second_and_its_last_change_is_not_lost(shop):
+    """While a list is open its message goes out at most once per ANNOUNCE_EVERY: changes in
+    between mark it due, and the next change after that, or else the sweep, sends the list as
+    it is then. Opening and closing are announced at once."""
+    members = [shop.login(f"p{i}") for i in range(5)]
+    sl = open_list(shop)
+    t0 = shop.clock.now()
+
+    def updates() -> list[dict[str, Any]]:
+        found = [u["params"] for u in shop.outbox("update_list_message")]
+        return [u for u in found if u["list"] == sl["id"]]  # (the campaign's own list opens too)
+
+    def sweep_at(offset: timedelta) -> list[str]:
+        shop.clock.set(t0 + offset)
+        return [r.body["type"] for r in shop.sweep() if r.body["type"] == "solitaire.announce"]
+
+    assert [u["count"] for u in updates()] == [0]  # the opening, at once
+    for n, offset in enumerate((timedelta(0), ANNOUNCE_EVERY / 2)):
+        shop.clock.set(t0 + offset)
+        assert append(shop, members[n], sl["id"], items=[{"sku": "veg-set"}]).status_code == 200
+    assert len(updates()) == 1  # paced: within a second of the opening's message
+    assert sweep_at(ANNOUNCE_EVERY * 0.9) == []  # not due yet
+    assert sweep_at(ANNOUNCE_EVERY) == ["solitaire.announce"]  # the last change, not lost
+    assert [u["count"] for u in updates()] == [0, 2]
+    assert sweep_at(ANNOUNCE_EVERY * 1.1) == []  # sent once
+
+    shop.clock.set(t0 + ANNOUNCE_EVERY * 1.2)  # paced again, due a second after the last
+    assert append(shop, members[2], sl["id"], items=[{"sku": "veg-set"}]).status_code == 200
+    shop.clock.set(t0 + ANNOUNCE_EVERY * 2.1)  # a change after that is announced at once
+    assert append(shop, members[3], sl["id"], items=[{"sku": "veg-set"}]).status_code == 200
+    assert [u["count"] for u in updates()] == [0, 2, 4]
+    assert sweep_at(ANNOUNCE_EVERY * 3) == []  # nothing left due
+
+    shop.clock.set(t0 + ANNOUNCE_EVERY * 3.1)
+    assert append(shop, members[4], sl["id"], items=[{"sku": "veg-set"}]).status_code == 200
+    r = shop.client.post(f"/v1/solitaire/lists/{sl['id']}/close", headers=shop.admin)
+    assert r.status_code == 200, r.text
+    assert [(u["count"], u["status"]) for u in updates()][-1] == (5, "closed")  # at once
+    assert sweep_at(ANNOUNCE_EVERY * 5) == []  # the close's message covered the paced one
+    revisions = [u["revision"] for u in updates()]
+    assert revisions == sorted(set(revisions))
 
 
 def test_work_deferred_by_a_rolled_back_event_is_dropped_and_failing_work_is_skipped(engine):

@@ -4,7 +4,10 @@ other people's lines), the organiser closes, time passes. After every step:
 
 - reserved stock equals the sum of the live lines, and never exceeds the stock;
 - line numbers are 1..last number, each once;
-- after the list closes, nothing about it changes.
+- after the list closes, nothing about it changes;
+- the group's list message goes out at most once per `ANNOUNCE_EVERY` while the list is
+  open, and no change is left unannounced: unless a message is due (`announce_due`, at most
+  `ANNOUNCE_EVERY` after the last), the last message says the list as it is.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from sqlalchemy import select
 from app.clock import FrozenClock
 from app.events.dispatch import Reply
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
+from app.mechanics.solitaire.service import ANNOUNCE_EVERY
 from app.mechanics.sweeps import sweep_due
 from app.members.models import Member
+from app.outbox.models import Outbox
 from tests.conftest import apply_command, sqlite_copy, tenant_with_funnel
 from tests.test_groupbuy import OPENS
 
@@ -66,6 +71,7 @@ class SolitaireMachine(RuleBasedStateMachine):
         self.clock = FrozenClock(OPENS)
         self.tenant_id = tenant_with_funnel(self.engine, "office-lunch", None, OPENS)
         self.steps = 0
+        self.messages: list[tuple[Any, dict[str, Any]]] = []  # (when queued, update params)
         for member in MEMBERS:  # the group bot saw them join the group
             assert self.apply("member.joined", member, group_id="g").ok
         reply = self.apply("solitaire.open", None, group="g", definition=DEFINITION)
@@ -82,7 +88,23 @@ class SolitaireMachine(RuleBasedStateMachine):
         self.steps += 1
         if reply.ok:
             self.seen[kind] += 1
+        self.heard()
         return reply
+
+    def heard(self) -> None:
+        """Note the list messages queued since the last step, with the time they were."""
+        with self.engine.connect() as conn:
+            found = (
+                conn.execute(
+                    select(Outbox.payload)  # type: ignore[call-overload]
+                    .where(Outbox.type == "update_list_message")
+                    .order_by(Outbox.id)
+                )
+                .scalars()
+                .all()
+            )
+        for payload in found[len(self.messages) :]:
+            self.messages.append((self.clock.now(), payload["params"]))
 
     def snapshot(self) -> Any:
         with self.engine.connect() as conn:
@@ -141,6 +163,15 @@ class SolitaireMachine(RuleBasedStateMachine):
     def time_passes(self, minutes: int) -> None:
         self.clock.advance(timedelta(minutes=minutes))
         sweep_due(self.engine, self.clock.now())
+        self.heard()
+
+    @rule(ms=st.integers(0, 1500), sweep=st.booleans())
+    def a_moment_passes(self, ms: int, sweep: bool) -> None:
+        """Changes within a second of each other are paced; the sweep may or may not run."""
+        self.clock.advance(timedelta(milliseconds=ms))
+        if sweep:
+            sweep_due(self.engine, self.clock.now())
+            self.heard()
 
     @invariant()
     def stock_matches_the_live_lines(self) -> None:
@@ -165,6 +196,25 @@ class SolitaireMachine(RuleBasedStateMachine):
                 conn.execute(select(SolitaireLine.seq).order_by(SolitaireLine.seq)).scalars().all()
             )  # type: ignore[call-overload]
         assert list(seqs) == list(range(1, last + 1))
+
+    @invariant()
+    def list_messages_are_paced(self) -> None:
+        for (before, _), (at, params) in zip(self.messages, self.messages[1:], strict=False):
+            if params["status"] == "open":
+                assert at - before >= ANNOUNCE_EVERY, (before, at)
+
+    @invariant()
+    def no_change_is_left_unannounced(self) -> None:
+        with self.engine.connect() as conn:
+            sl = conn.execute(select(SolitaireList)).one()  # type: ignore[call-overload]
+            live = conn.execute(
+                select(SolitaireLine.seq).where(SolitaireLine.status == "live")  # type: ignore[call-overload]
+            ).all()
+        last = self.messages[-1][1]
+        if sl.announce_due is None:
+            assert (last["count"], last["status"]) == (len(live), sl.status)
+        else:
+            assert sl.status == "open" and sl.announce_due == sl.announced_at + ANNOUNCE_EVERY
 
     @invariant()
     def nothing_changes_after_close(self) -> None:

@@ -29,6 +29,7 @@ COMMANDS: dict[str, Handler] = {
     "solitaire.close": solitaire.announced(solitaire.close),
     "solitaire.close_due": solitaire.announced(solitaire.close_due),
     "solitaire.finish": solitaire.announced(solitaire.finish),
+    "solitaire.announce": solitaire.announce_due,
     "referral.mine": referral.my_referral,
     "referral.channel": referral.channel_code,
     "referral.review": referral.review,

@@ -1,4 +1,5 @@
-"""Mechanic timers: a team's deadline, a seat's payment hold, a voucher's expiry.
+"""Mechanic timers: a team's deadline, a seat's payment hold, a voucher's expiry, a solitaire
+list's paced message.
 
 Each is a due-time column on the mechanic's own row (indexed with its status), so there is
 no second copy of the deadline to keep in step: the sweep finds open rows whose time has
@@ -126,6 +127,20 @@ SWEEPS = (
         list_t.c.status == LIST_OPEN,
         lambda r: {"list_id": r.id},
         _lists(LIST_OPEN, list_t.c.closes_at),
+    ),
+    Sweep(
+        "solitaire_announce",
+        "solitaire.announce",
+        list_t.c.announce_due,
+        list_t.c.announce_due.is_not(None),
+        lambda r: {"list_id": r.id},
+        lambda now, limit: (
+            select(list_t.c.id, list_t.c.tenant_id, list_t.c.announce_due.label("due"))
+            .where(list_t.c.announce_due <= now)
+            .order_by(list_t.c.announce_due, list_t.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ),
     ),
     Sweep(
         "referral_reward_hold",

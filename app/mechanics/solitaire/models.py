@@ -14,7 +14,11 @@ class SolitaireList(SQLModel, table=True):
 
     `items` and `options` are the list's own copy of its menu and rules, taken when it was
     opened, so a new funnel version never changes a running list. `last_seq` hands out line
-    numbers under the list's row lock: 1, 2, 3… with no gaps and no duplicates."""
+    numbers under the list's row lock: 1, 2, 3… with no gaps and no duplicates.
+
+    `announced_at` is when the group's list message was last queued; while the list is open
+    a change within `ANNOUNCE_EVERY` of it sets `announce_due` instead, and the sweep (or the
+    next change after it) queues the message then (app/mechanics/solitaire/service.py)."""
 
     __tablename__ = "solitaire_list"
     __table_args__ = (
@@ -22,6 +26,7 @@ class SolitaireList(SQLModel, table=True):
         UniqueConstraint("tenant_id", "funnel_id", "campaign", "group_id", "opens_at"),
         Index("ix_solitaire_list_open_due", "status", "opens_at"),
         Index("ix_solitaire_list_close_due", "status", "closes_at"),
+        Index("ix_solitaire_list_announce_due", "announce_due"),
         {"sqlite_autoincrement": True},
     )
 
@@ -43,6 +48,8 @@ class SolitaireList(SQLModel, table=True):
     closed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     close_reason: str | None = Field(default=None, max_length=64)
     last_seq: int = 0
+    announced_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    announce_due: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(sa_type=UTCDateTime)
 
 
