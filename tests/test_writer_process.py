@@ -213,3 +213,41 @@ def test_commands_on_one_team_or_list_go_to_one_writer_and_members_spread():
     assert len({where[id(i)] for i in items if i.type == "groupbuy.join"}) == 1
     assert len({where[id(i)] for i in items if i.type == "solitaire.append"}) == 1
     assert len({where[id(i)] for i in items if i.type == "groupbuy.open"}) > 1
+
+
+class _Pipelined(_Recording):
+    """A lane that merges what it is sent (as the writer process does), recording each
+    hand-over and, for each, how many submits had started by then."""
+
+    pipelined = True
+
+    def __init__(self, started: list[int]) -> None:
+        super().__init__()
+        self.started, self.handed = started, []  # type: ignore[var-annotated]
+
+    async def apply(self, items, now):  # type: ignore[no-untyped-def]
+        self.handed.append((len(items), len(self.started)))
+        return await super().apply(items, now)
+
+
+def test_a_writer_process_is_handed_each_event_before_the_next_request_runs():
+    """A burst of requests the event loop has ready at once: the first event reaches the
+    writer before the second request's handler runs, so the writer applies it while the
+    service parses the rest (queued for one hand-over at the end, the two processes took
+    turns, each idle while the other worked)."""
+    started: list[int] = []
+    lane = _Pipelined(started)
+    dispatcher = Dispatcher(None, FrozenClock(T0), Metrics(), lanes=[lane])  # type: ignore[arg-type]
+    items = [Inbound(1, "member", "solitaire.append", member_id=m) for m in range(8)]
+
+    async def request(item: Inbound) -> Reply:
+        started.append(item.member_id or 0)
+        return await dispatcher.submit(item)
+
+    async def burst() -> list[Reply]:
+        return await asyncio.gather(*(request(item) for item in items))
+
+    replies = asyncio.run(burst())
+    assert [r.status for r in replies] == [200] * 8
+    assert lane.handed == [(1, n) for n in range(1, 9)]  # one each, as its request ran
+    assert lane.items == items

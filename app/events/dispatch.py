@@ -7,8 +7,9 @@ instances, stage history, timers and outbox rows; the response reaches the event
 batch's others, in one statement before the commit (`BatchCache.run_deferred`).
 
 `Dispatcher` is group commit. Callers hand it events and wait; a writer (a `Lane`: a writer
-process of its own, app/events/writer.py, or a thread of this process) takes everything
-queued so far, applies each event under its own SAVEPOINT (an event that fails is rolled
+process of its own, app/events/writer.py, handed each event at once, or a thread of this
+process, handed the queue) takes everything that arrived so far, applies each event under
+its own SAVEPOINT (an event that fails is rolled
 back alone and its caller gets the error), commits once, and only then answers every caller
 of the batch. When idle a lone event is written at once; under load what queues while one
 batch commits becomes the next batch, so one fsync (SQLite) or one round of WAL flush
@@ -1117,6 +1118,16 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         lane = self._lane(item)
+        if self.lanes[lane].pipelined:
+            # Sent to the writer process now, from this request's own task. Queued for a
+            # drain task instead, it waited behind every request the event loop had ready:
+            # a burst of 64 went out as one batch once all 64 were parsed, and the two
+            # processes took turns (the writer idle while the service parsed, the service
+            # idle while the writer applied; appends: 1,160/s with each at 67% and 33% of a
+            # core). Sent one by one, the writer applies the first while the service parses
+            # the next, and merges into each transaction what arrived during the last.
+            await self._settle(self.lanes[lane], [(item, future, time.perf_counter())])
+            return await future
         self._queues[lane].append((item, future, time.perf_counter()))
         if not self._busy[lane]:
             self._busy[lane] = True

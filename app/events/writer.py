@@ -7,11 +7,11 @@ one core at a time: the HTTP side (parsing, signatures, validation, routing) and
 of two). SQLite has one writer anyway, so a second uvicorn worker only waits on its lock;
 a writer process beside the HTTP process is what uses the second core.
 
-`WriterProcess` is one lane of the dispatcher. The service's event loop sends each batch
-(its items and the dispatcher's `now`) over a socket pair as it forms, without waiting for
-the last one's commit, and answers each batch's callers when the process sends its replies
-back, after its commit. The process applies with its own engine, merging whatever arrived
-while it was busy into its next transaction. It is started with `spawn` (no inherited
+`WriterProcess` is one lane of the dispatcher. Each request's task sends its event (with
+the dispatcher's `now`) over a socket pair as soon as it has one, without waiting for the
+last one's commit, and answers its caller when the process sends the reply back, after its
+commit. The process applies with its own engine, merging whatever arrived while it was busy
+into its next transaction: group commit happens here. It is started with `spawn` (no inherited
 threads, sockets or connections) when the service starts, and again on the next batch if it
 died; batches it had when it died are answered 503 (one may have committed: a retry with the
 same idempotency key answers the stored response). When the service's process goes away,
@@ -50,7 +50,7 @@ class WriterProcess:
 
     The service's side is asyncio streams on the event loop (no thread between the request
     and the socket: a thread woken by a reply waited for the GIL behind the event loop).
-    Batches are sent as they form, without waiting for the last one's commit; the process
+    Events are sent as they come, without waiting for the last one's commit; the process
     merges whatever arrived while it was busy into its next transaction, so it never waits
     for the event loop to hand it work, and group commit still takes all that queued."""
 
