@@ -30,6 +30,7 @@ from app.api.admin import referral as admin_referral
 from app.api.health import router as health_router
 from app.api.member import groupbuy as member_groupbuy
 from app.api.member import me, session
+from app.api.member.fast import MemberFastPath
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.console import routes as console
@@ -135,7 +136,9 @@ def create_app(
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    app.add_middleware(webhooks.WebhookFastPath)  # innermost: inside the limit and the log
+    # innermost: inside the body limit and the request log
+    app.add_middleware(MemberFastPath)
+    app.add_middleware(webhooks.WebhookFastPath)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -66,6 +66,11 @@ def _json(body: BaseModel) -> dict[str, Any]:
     return body.model_dump(mode="json", exclude_none=True)
 
 
+def line_data(list_id: str, body: LineIn) -> dict[str, Any]:
+    """An append's data: the list the path names, and the line."""
+    return {"list": list_id, **_json(body)}
+
+
 async def _read(request: Request, tenant_id: int, public_id: str, render: Any) -> Any:
     """`render(conn, list_row)` for one of the tenant's lists, or a 404."""
 
@@ -229,10 +234,9 @@ async def append_line(
     """Append a line; its number is the next one. 409 codes: `sold_out` (with what is still
     available), `joining_closed`, `list_not_open`, `line_limit_reached`, `item_limit_reached`."""
     request.app.state.rate_limiter.check(claims.tenant_id)
-    data = {"list": list_id, **_json(body)}
     return await submit(
         request,
-        member_command(claims, "solitaire.append", data, idempotency_key),
+        member_command(claims, "solitaire.append", line_data(list_id, body), idempotency_key),
     )
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
+from starlette.types import Receive, Send
 
 from app.db import read_connection
+from app.errors import DomainError
 from app.events.dispatch import Dispatcher, Inbound, Reply
 from app.observability import Metrics
+from app.problems import database_unavailable, problem_of, send_raw
 from app.security import MemberClaims
 
 T = TypeVar("T")
@@ -47,6 +51,36 @@ async def submit(request: Request, item: Inbound) -> Response:
     """Apply `item` through the dispatcher (group commit) and answer once it is durable:
     the stored response, byte for byte, or the problem that refused it."""
     return respond(await dispatch(request.app.state, item))
+
+
+async def send_reply(send: Send, instance: str, reply: Awaitable[Reply]) -> None:
+    """For the fast paths that answer without FastAPI (webhooks, the member API's busiest
+    commands): send what `reply` comes to as the route would, byte for byte — the stored
+    response, or the problem that refused it (raised or answered), or a 503."""
+    try:
+        answered = await reply
+        if answered.error is not None:
+            raise answered.error
+    except DomainError as exc:
+        await send_raw(send, *problem_of(exc, instance))
+        return
+    except OperationalError as exc:
+        await send_raw(send, *database_unavailable(exc, instance))
+        return
+    extra = [(b"idempotent-replayed", b"true")] if answered.replayed else []
+    await send_raw(send, answered.status, b"application/json", answered.content(), extra)
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
 
 
 async def dispatch(state: Any, item: Inbound) -> Reply:

@@ -13,18 +13,17 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import observability as log_context
 from app.api.deps import MemberClaimsDep
-from app.api.submit import IdempotencyKey, dispatch, respond, submit
+from app.api.submit import IdempotencyKey, dispatch, read_body, respond, send_reply, submit
 from app.errors import DomainError, FieldProblem, NotFound
 from app.events.dispatch import Inbound, Reply
 from app.events.ingest import InvalidEvent, loads, parse_event, verify_signature
 from app.events.schemas import INBOUND_SCHEMA_NAMES, MEMBER_REPORTABLE, EventAccepted
 from app.observability import Metrics
-from app.problems import database_unavailable, problem_of, responses, send_raw
+from app.problems import responses
 
 router = APIRouter(tags=["webhooks"])
 
@@ -129,34 +128,10 @@ class WebhookFastPath:
         ):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            reply = await ingest_webhook(
-                scope["app"].state, path[len(self.PREFIX) :], headers, body
-            )
-            if reply.error is not None:
-                raise reply.error
-        except DomainError as exc:
-            await send_raw(send, *problem_of(exc, path))
-            return
-        except OperationalError as exc:
-            await send_raw(send, *database_unavailable(exc, path))
-            return
-        extra = [(b"idempotent-replayed", b"true")] if reply.replayed else []
-        await send_raw(send, reply.status, b"application/json", reply.content(), extra)
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+        source = path[len(self.PREFIX) :]
+        await send_reply(send, path, ingest_webhook(scope["app"].state, source, headers, body))
 
 
 @router.post(

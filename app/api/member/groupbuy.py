@@ -31,10 +31,11 @@ class TeamAction(Input):
     profile: Profile | None = Field(default=None, description="how teammates see you")
 
 
-def _profile(body: TeamAction | None) -> dict[str, Any]:
+def team_data(data: dict[str, Any], body: TeamAction | None) -> dict[str, Any]:
+    """A team command's data: what the path names, and the profile the member sent."""
     if body is None or body.profile is None:
-        return {}
-    return {"profile": body.profile.model_dump(exclude_none=True)}
+        return data
+    return {**data, "profile": body.profile.model_dump(exclude_none=True)}
 
 
 @router.post(
@@ -54,7 +55,7 @@ async def open_team(
     may not: `campaign_not_started`, `campaign_ended`, `in_another_team`,
     `lead_limit_reached`, `sold_out`, `too_many_open_teams`."""
     request.app.state.rate_limiter.check(claims.tenant_id)
-    data = {"funnel": funnel, "campaign": campaign, **_profile(body)}
+    data = team_data({"funnel": funnel, "campaign": campaign}, body)
     return await submit(
         request,
         member_command(claims, "groupbuy.open", data, idempotency_key),
@@ -74,7 +75,7 @@ async def join_team(
     `new_customers_only`, `sold_out`. Pay-to-join campaigns hold your seat until the
     payment window passes; the shop's `order.paid` with this `team_id` confirms it."""
     request.app.state.rate_limiter.check(claims.tenant_id)
-    data = {"team": team, **_profile(body)}
+    data = team_data({"team": team}, body)
     return await submit(
         request,
         member_command(claims, "groupbuy.join", data, idempotency_key),
