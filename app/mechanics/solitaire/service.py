@@ -15,6 +15,7 @@ funnel guard such as `event.sequence <= 20` reads for the early-order incentive.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -149,7 +150,7 @@ _LIST_BY_SHARE = Prepared(
     .with_for_update()
 )
 _LIST_BY_ID = Prepared(select(list_t).where(list_t.c.id == bindparam("b_id")))
-_LIST_ID = Prepared(select(list_t.c.id).where(list_t.c.public_id == bindparam("b_public")))
+_LIST_BY_PUBLIC = Prepared(select(list_t).where(list_t.c.public_id == bindparam("b_public")))
 _MEMBER_LINES = Prepared(
     select(line_t).where(
         line_t.c.list_id == bindparam("b_list"),
@@ -240,8 +241,11 @@ def _reserve(ctx: Context, sl: Any, items: list[dict[str, Any]], sign: int) -> N
 
 def _available(conn: Connection, sl: Any) -> dict[str, int]:
     """What is left of each stocked item (items without stock are unlimited, not listed)."""
-    rows = _STOCK_LEFT.rows(conn, {"b_list": sl.id})
-    return {sku: stock - reserved for sku, stock, reserved in rows if stock is not None}
+    return _left(_STOCK_LEFT.rows(conn, {"b_list": sl.id}))
+
+
+def _left(stock: Sequence[Any]) -> dict[str, int]:
+    return {sku: n - reserved for sku, n, reserved in stock if n is not None}
 
 
 def _check_open(sl: Any, now: datetime, *, joining: bool) -> None:
@@ -257,11 +261,7 @@ def append(ctx: Context) -> Effects:
     """`solitaire.append`: a member adds a line (for themselves, or on behalf of someone)."""
     sl = _lock(ctx, ctx.data["list"])
     m = ctx.member()
-    effects = _append(ctx, sl, m, ctx.data)
-    # The list without its lines (GET the list for them): an answer that carried every
-    # line grew with the list, and so did the event log row that keeps it.
-    effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id), with_lines=False)
-    return effects
+    return _append(ctx, sl, m, ctx.data)
 
 
 class NotInGroup(Refused):
@@ -300,9 +300,15 @@ def _append(ctx: Context, sl: Any, m: Any, data: dict[str, Any]) -> Effects:
         },
     )
     effects = Effects(m.id, {"outcome": "appended", "line": seq})
-    left = _available(ctx.conn, sl)
+    stock = _STOCK_LEFT.rows(ctx.conn, {"b_list": sl.id})
+    left = _left(stock)
+    # The answer has the list without its lines (GET the list for them): an answer that
+    # carried every line grew with the list, and so did the event log row that keeps it.
     if left and all(n <= 0 for n in left.values()) and len(left) == len(sl.items):
         _close(ctx, _get(ctx.conn, sl.id), "sold_out", effects)
+        effects.result["list"] = list_json(ctx.conn, _get(ctx.conn, sl.id), with_lines=False)
+    else:  # the locked row as this append left it (not read again): its number taken
+        effects.result["list"] = list_json(ctx.conn, sl, False, stock=stock, last_seq=seq)
     return effects
 
 
@@ -345,10 +351,7 @@ def reply(ctx: Context) -> Effects:
     attempt.commit()
     effects.emits.extend(appended.emits)
     effects.actions.extend(appended.actions)
-    effects.result = {
-        **appended.result,
-        "list": list_json(ctx.conn, _get(ctx.conn, sl.id), with_lines=False),
-    }
+    effects.result = appended.result
     return effects
 
 
@@ -370,8 +373,8 @@ def announced(handler: Handler) -> Handler:
         effects = handler(ctx)
         changed = effects.result.get("list")
         if changed is not None and effects.result.get("outcome") not in QUIET:
-            row = _LIST_ID.scalar(ctx.conn, {"b_public": changed["id"]})
-            ctx.defer(("solitaire", row), lambda: _announce_or_pace(ctx, row))
+            public_id = changed["id"]
+            ctx.defer(("solitaire", public_id), lambda: _announce_or_pace(ctx, public_id))
         return effects
 
     run.__doc__ = handler.__doc__
@@ -392,12 +395,13 @@ _ANNOUNCED = Prepared(
 )
 
 
-def _announce_or_pace(ctx: Context, list_id: int) -> list[DirectAction]:
-    sl = _get(ctx.conn, list_id)
+def _announce_or_pace(ctx: Context, public_id: str) -> list[DirectAction]:
+    sl = _LIST_BY_PUBLIC.record(ctx.conn, {"b_public": public_id})
+    assert sl is not None, public_id  # the handler just changed it, under its lock
     last = sl.announced_at
     if sl.status == OPEN and last is not None and timedelta(0) <= ctx.now - last < ANNOUNCE_EVERY:
         if sl.announce_due is None:
-            _PACE.run(ctx.conn, {"b_id": list_id, "b_due": last + ANNOUNCE_EVERY})
+            _PACE.run(ctx.conn, {"b_id": sl.id, "b_due": last + ANNOUNCE_EVERY})
         return []
     return [announcement(ctx, sl)]
 
@@ -674,11 +678,19 @@ def lines_of(conn: Connection, list_id: int) -> list[dict[str, Any]]:
     return [r._asdict() for r in _LINES.records(conn, {"b_list": list_id})]
 
 
-def list_json(conn: Connection, sl: Any, with_lines: bool = True) -> dict[str, Any]:
-    left = {
-        sku: (None if stock is None else stock - reserved)
-        for sku, stock, reserved in _STOCK_LEFT.rows(conn, {"b_list": sl.id})
-    }
+def list_json(
+    conn: Connection,
+    sl: Any,
+    with_lines: bool = True,
+    *,
+    stock: Sequence[Any] | None = None,
+    last_seq: int | None = None,
+) -> dict[str, Any]:
+    """The list as the API shows it; `stock` (its stock rows) and `last_seq`, when the
+    caller has them already (an append), are not read again."""
+    if stock is None:
+        stock = _STOCK_LEFT.rows(conn, {"b_list": sl.id})
+    left = {sku: (None if n is None else n - reserved) for sku, n, reserved in stock}
     out: dict[str, Any] = {
         "id": sl.public_id,
         "group_id": sl.group_id,
@@ -693,7 +705,7 @@ def list_json(conn: Connection, sl: Any, with_lines: bool = True) -> dict[str, A
         "close_reason": sl.close_reason,
         "items": [{**i, "left": left.get(i["sku"])} for i in sl.items],
         "pickup_points": sl.options.get("pickup_points") or [],
-        "lines_numbered": sl.last_seq,
+        "lines_numbered": sl.last_seq if last_seq is None else last_seq,
     }
     if with_lines:
         lines = lines_of(conn, sl.id)
