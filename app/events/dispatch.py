@@ -1146,19 +1146,14 @@ class Dispatcher:
         return zlib.crc32(f"{item.tenant_id}:{who}".encode()) % len(self._queues)
 
     async def _drain(self, lane: int) -> None:
-        """Hand the lane's queue over, a batch at a time. A lane that merges batches itself
-        (a writer process) is handed what queued so far without waiting for its commit;
-        otherwise the queue that builds while one batch commits is the next batch."""
+        """Hand the lane's queue over, a batch at a time: the queue that builds while one
+        batch commits is the next batch. (A pipelined lane is handed each event by `submit`
+        and never queues here.)"""
         queue, applier = self._queues[lane], self.lanes[lane]
         try:
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
-                if applier.pipelined:
-                    task = asyncio.get_running_loop().create_task(self._settle(applier, batch))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                else:
-                    await self._settle(applier, batch)
+                await self._settle(applier, batch)
         finally:
             self._busy[lane] = False
 
