@@ -42,23 +42,29 @@ class Sweep:
     due: Any  # the due-time column
     open: ColumnElement[bool]  # rows still waiting for it
     data: Callable[[Any], dict[str, Any]]
-    query: Callable[[datetime, int], Select[Any]]
+    # A claim of its own, where the due rows are not simply the due column's table's rows
+    # (a seat's hold locks its team's row, the lock every group-buy command takes first).
+    query: Callable[[datetime, int], Select[Any]] | None = None
+
+    def due_rows(self, now: datetime, limit: int) -> Select[Any]:
+        """The rows waiting whose time has come, oldest first, locked; rows another worker
+        holds are skipped."""
+        if self.query is not None:
+            return self.query(now, limit)
+        table = self.due.table
+        return (
+            select(table.c.id, table.c.tenant_id, self.due.label("due"))
+            .where(self.open, self.due <= now)
+            .order_by(self.due, table.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
 
     def backlog(self, conn: Connection, now: datetime) -> tuple[int, datetime | None]:
         n, first = conn.execute(
             select(func.count(), func.min(self.due)).where(self.open, self.due <= now)
         ).one()
         return int(n), first
-
-
-def _teams(now: datetime, limit: int) -> Select[Any]:
-    return (
-        select(team_t.c.id, team_t.c.tenant_id, team_t.c.deadline.label("due"))
-        .where(team_t.c.status == OPEN, team_t.c.deadline <= now)
-        .order_by(team_t.c.deadline, team_t.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
 
 
 def _holds(now: datetime, limit: int) -> Select[Any]:
@@ -72,29 +78,6 @@ def _holds(now: datetime, limit: int) -> Select[Any]:
     )
 
 
-def _vouchers(now: datetime, limit: int) -> Select[Any]:
-    return (
-        select(voucher_t.c.id, voucher_t.c.tenant_id, voucher_t.c.expires_at.label("due"))
-        .where(voucher_t.c.status == ISSUED, voucher_t.c.expires_at <= now)
-        .order_by(voucher_t.c.expires_at, voucher_t.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-
-
-def _lists(status: str, due: Any) -> Callable[[datetime, int], Select[Any]]:
-    def query(now: datetime, limit: int) -> Select[Any]:
-        return (
-            select(list_t.c.id, list_t.c.tenant_id, due.label("due"))
-            .where(list_t.c.status == status, due <= now)
-            .order_by(due, list_t.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-
-    return query
-
-
 SWEEPS = (
     Sweep(
         "groupbuy_deadline",
@@ -102,7 +85,6 @@ SWEEPS = (
         team_t.c.deadline,
         team_t.c.status == OPEN,
         lambda r: {"team_id": r.id},
-        _teams,
     ),
     Sweep(
         "groupbuy_payment_hold",
@@ -118,7 +100,6 @@ SWEEPS = (
         list_t.c.opens_at,
         list_t.c.status == SCHEDULED,
         lambda r: {"list_id": r.id},
-        _lists(SCHEDULED, list_t.c.opens_at),
     ),
     Sweep(
         "solitaire_close",
@@ -126,7 +107,6 @@ SWEEPS = (
         list_t.c.closes_at,
         list_t.c.status == LIST_OPEN,
         lambda r: {"list_id": r.id},
-        _lists(LIST_OPEN, list_t.c.closes_at),
     ),
     Sweep(
         "solitaire_announce",
@@ -134,13 +114,6 @@ SWEEPS = (
         list_t.c.announce_due,
         list_t.c.announce_due.is_not(None),
         lambda r: {"list_id": r.id},
-        lambda now, limit: (
-            select(list_t.c.id, list_t.c.tenant_id, list_t.c.announce_due.label("due"))
-            .where(list_t.c.announce_due <= now)
-            .order_by(list_t.c.announce_due, list_t.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ),
     ),
     Sweep(
         "referral_reward_hold",
@@ -148,13 +121,6 @@ SWEEPS = (
         reward_t.c.hold_until,
         reward_t.c.status == PENDING,
         lambda r: {"reward_id": r.id},
-        lambda now, limit: (
-            select(reward_t.c.id, reward_t.c.tenant_id, reward_t.c.hold_until.label("due"))
-            .where(reward_t.c.status == PENDING, reward_t.c.hold_until <= now)
-            .order_by(reward_t.c.hold_until, reward_t.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ),
     ),
     Sweep(
         "voucher_expiry",
@@ -162,7 +128,6 @@ SWEEPS = (
         voucher_t.c.expires_at,
         voucher_t.c.status == ISSUED,
         lambda r: {"voucher_id": r.id},
-        _vouchers,
     ),
 )
 
@@ -228,7 +193,7 @@ def _sweep(
     try:
         with engine.connect() as conn, conn.begin():
             cache = BatchCache()
-            for r in conn.execute(sweep.query(now, limit)).all():
+            for r in conn.execute(sweep.due_rows(now, limit)).all():
                 item = Inbound(
                     tenant_id=r.tenant_id,
                     source=TIMER_SOURCE,

@@ -130,11 +130,16 @@ def _when(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value))
 
 
-def open_due(ctx: Context) -> Effects:
-    """The sweep: a scheduled list whose opening time came."""
-    sl = ctx.conn.execute(
+def _swept(ctx: Context) -> Any:
+    """The list a sweep's command names (`list_id`), locked; None if it is gone."""
+    return ctx.conn.execute(
         select(list_t).where(list_t.c.id == int(ctx.data["list_id"])).with_for_update()
     ).first()
+
+
+def open_due(ctx: Context) -> Effects:
+    """The sweep: a scheduled list whose opening time came."""
+    sl = _swept(ctx)
     if sl is None or sl.status != SCHEDULED or sl.opens_at > ctx.now:
         return Effects(None, {"outcome": "nothing_due"})
     ctx.conn.execute(update(list_t).where(list_t.c.id == sl.id).values(status=OPEN))
@@ -408,9 +413,7 @@ def _announce_or_pace(ctx: Context, public_id: str) -> list[DirectAction]:
 
 def announce_due(ctx: Context) -> Effects:
     """The sweep: a list whose paced message is due (see `announced`)."""
-    sl = ctx.conn.execute(
-        select(list_t).where(list_t.c.id == int(ctx.data["list_id"])).with_for_update()
-    ).first()
+    sl = _swept(ctx)
     if sl is None or sl.announce_due is None or sl.announce_due > ctx.now:
         return Effects(None, {"outcome": "nothing_due"})
     result = {"outcome": "announced", "list_id": sl.public_id}
@@ -525,9 +528,7 @@ def close(ctx: Context) -> Effects:
 
 def close_due(ctx: Context) -> Effects:
     """The sweep: an open list whose closing time came."""
-    sl = ctx.conn.execute(
-        select(list_t).where(list_t.c.id == int(ctx.data["list_id"])).with_for_update()
-    ).first()
+    sl = _swept(ctx)
     if sl is None or sl.status != OPEN or sl.closes_at > ctx.now:
         return Effects(None, {"outcome": "nothing_due"})
     effects = Effects(None, {"outcome": "closed"})
