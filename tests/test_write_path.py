@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
@@ -23,6 +23,7 @@ from app.funnels.models import FunnelInstance, StageHistory
 from bench.scenarios import funnel as bench_funnel
 from tests.conftest import T0, tenant_with_funnel
 from tests.factories import welcome
+from tests.test_groupbuy import OPENS
 
 instance_t = FunnelInstance.__table__  # type: ignore[attr-defined]
 history_t = StageHistory.__table__  # type: ignore[attr-defined]
@@ -182,3 +183,151 @@ def test_events_committed_together_end_as_if_committed_one_by_one(engine, ops):
         r.body.get("result") and r.body["result"]["outcome"] for r in singles
     ]
     assert _outcome(engine, together, ids_a) == _outcome(engine, alone, ids_b)
+
+
+# ── a batch's appends to one list, applied together ──────────────────────────────────────
+LIST = {
+    "title": "午餐",
+    "join_until": "PT20M",
+    "open_for": "PT30M",
+    "max_lines_per_member": 2,
+    "items": [
+        {"sku": "pork", "name": "红烧肉饭", "price_fen": 3200, "stock": 3},
+        {"sku": "egg", "name": "番茄炒蛋饭", "price_fen": 2600, "stock": 2, "max_per_member": 2},
+    ],
+}
+DINERS = [f"d{i}" for i in range(5)]  # d4 never joins the group
+LINE_OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("append"),
+            st.integers(0, 4),
+            st.lists(
+                st.fixed_dictionaries(
+                    {"sku": st.sampled_from(["pork", "egg", "fish"]), "qty": st.integers(1, 3)}
+                ),
+                min_size=1,
+                max_size=2,
+            ),
+            st.booleans(),  # by the member's id (the member API) or the bot's reference
+        ),
+        st.tuples(st.just("withdraw"), st.integers(0, 4), st.integers(1, 6)),
+        st.tuples(st.just("post"), st.integers(0, 4)),
+        st.tuples(st.just("elsewhere"), st.integers(0, 4)),  # another list's append
+    ),
+    min_size=1,
+    max_size=16,
+)
+
+
+def _diners_tenant(engine: Engine, now: datetime) -> tuple[int, dict[str, int], list[str]]:
+    tenant_id = tenant_with_funnel(engine, "office-lunch", None, now)
+    joined = [
+        Inbound(tenant_id, "bot", "member.joined", data={"group_id": "g"}, member={"id": m})
+        for m in DINERS[:4]
+    ]
+    seen = [Inbound(tenant_id, "bot", "member.scanned", data={}, member={"id": DINERS[4]})]
+    replies = apply_batch(engine, [*joined, *seen], now)
+    ids = {m: r.body["member"]["id"] for m, r in zip(DINERS, replies, strict=True)}
+    lists = [
+        apply_batch(
+            engine,
+            [Inbound(tenant_id, "admin", "solitaire.open", {"group": "g", "definition": LIST})],
+            now,
+        )[0].body["result"]["list"]["id"]
+        for _ in range(2)
+    ]
+    return tenant_id, ids, lists
+
+
+def _line_op(tenant_id: int, ids: dict[str, int], lists: list[str], op: tuple[Any, ...]) -> Inbound:
+    kind, i = op[0], op[1]
+    who: dict[str, Any] = {"member_id": ids[DINERS[i]]}
+    if kind == "append" and not op[3]:
+        who = {"member": {"id": DINERS[i]}}
+    if kind == "post":
+        return Inbound(tenant_id, "bot", "message.posted", {"group_id": "g"}, **who)
+    if kind == "withdraw":
+        return Inbound(
+            tenant_id, "member", "solitaire.withdraw", {"list": lists[0], "line": op[2]}, **who
+        )
+    target, items = (lists[0], op[2]) if kind == "append" else (lists[1], [{"sku": "egg"}])
+    return Inbound(tenant_id, "member", "solitaire.append", {"list": target, "items": items}, **who)
+
+
+def _lines_outcome(engine: Engine, tenant_id: int, ids: dict[str, int]) -> dict[str, Any]:
+    from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
+
+    by_id = {v: k for k, v in ids.items()}
+    line_t, list_t, stock_t = (
+        t.__table__  # type: ignore[attr-defined]
+        for t in (SolitaireLine, SolitaireList, SolitaireStock)
+    )
+    with engine.connect() as conn:
+        lists = conn.execute(
+            select(list_t.c.id, list_t.c.status, list_t.c.last_seq, list_t.c.close_reason)
+            .where(list_t.c.tenant_id == tenant_id)
+            .order_by(list_t.c.id)
+        ).all()
+        order = {row.id: n for n, row in enumerate(lists)}
+        lines = conn.execute(
+            select(line_t.c.list_id, line_t.c.seq, line_t.c.member_id, line_t.c["items"])
+            .add_columns(line_t.c.status, line_t.c.total_fen)
+            .where(line_t.c.list_id.in_(order))
+            .order_by(line_t.c.list_id, line_t.c.seq)
+        ).all()
+        stock = conn.execute(
+            select(stock_t.c.list_id, stock_t.c.sku, stock_t.c.reserved)
+            .where(stock_t.c.list_id.in_(order))
+            .order_by(stock_t.c.list_id, stock_t.c.sku)
+        ).all()
+    return {
+        "lists": [(s, n, why) for _, s, n, why in lists],
+        "lines": [(order[x.list_id], x.seq, by_id[x.member_id], x[3], *x[4:]) for x in lines],
+        "stock": [(order[lst], sku, n) for lst, sku, n in stock],
+    }
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=LINE_OPS)
+def test_appends_applied_together_end_as_if_applied_one_by_one(engine, ops):
+    """A batch's appends to a list are decided in memory and written together (a run); the
+    batch answers and leaves exactly what the same commands leave one transaction each:
+    refusals (not in the group, line and item limits, sold out, no such item) mixed in,
+    the last portion that closes the list, and other events between the appends, which see
+    the lines written before them (a withdrawal of a line appended earlier in the batch)."""
+    now = OPENS + timedelta(minutes=1)
+    together, ids_a, lists_a = _diners_tenant(engine, now)
+    alone, ids_b, lists_b = _diners_tenant(engine, now)
+    batch = apply_batch(engine, [_line_op(together, ids_a, lists_a, op) for op in ops], now)
+    singles = [apply_batch(engine, [_line_op(alone, ids_b, lists_b, op)], now)[0] for op in ops]
+
+    def answer(r: Any) -> Any:
+        result = r.body.get("result") or {}
+        left = [(i["sku"], i["left"]) for i in result.get("list", {}).get("items", [])]
+        return r.status, r.error and (r.error.code, r.error.detail), result.get("line"), left
+
+    assert [answer(r) for r in batch] == [answer(r) for r in singles]
+    assert all(r.status != 500 for r in batch)
+    assert _lines_outcome(engine, together, ids_a) == _lines_outcome(engine, alone, ids_b)
+
+
+def test_a_batch_of_appends_to_one_list_writes_each_table_once(engine):
+    """Appends to one list in one batch: a claim each, and one statement per table for the
+    list, its stock and its lines, however many appends the batch holds."""
+    now = OPENS + timedelta(minutes=1)
+
+    def appends(n: int) -> Counter[str]:
+        tenant_id, ids, lists = _diners_tenant(engine, now)
+        ops = [("append", i, [{"sku": "pork", "qty": 1}], True) for i in range(n)]
+        items = [_line_op(tenant_id, ids, lists, op) for op in ops]
+        with counted(engine) as seen:
+            replies = apply_batch(engine, items, now)
+        assert [r.body["result"]["line"] for r in replies] == list(range(1, n + 1))
+        return seen
+
+    one, three = appends(1), appends(3)
+    assert three["INSERT event"] == 3, three
+    assert three["INSERT solitaire_line"] == 1, three  # one executemany
+    assert three["UPDATE solitaire_stock"] == 1, three
+    assert three - one == Counter({"INSERT event": 2}), (one, three)

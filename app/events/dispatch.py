@@ -57,10 +57,19 @@ from app.errors import Conflict, DomainError, NotFound
 from app.events.ingest import unknown_type
 from app.events.models import EventLog
 from app.funnels import store
-from app.mechanics.commands import Context, DirectAction, Effects, Emit, Handler
+from app.mechanics.commands import (
+    Context,
+    DirectAction,
+    Effects,
+    Emit,
+    Handler,
+    Run,
+    RunLoader,
+    WriteThrough,
+)
 from app.mechanics.community import service as community
 from app.mechanics.referral import service as referral
-from app.mechanics.registry import command_for, contended
+from app.mechanics.registry import RUN_COMMANDS, command_for, contended
 from app.mechanics.rewards import cards, checkin, points
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
@@ -156,6 +165,15 @@ class BatchCache:
         self._responses: list[dict[str, Any]] = []
         self._answered: dict[tuple[int, str, str], tuple[str | None, str]] = {}
         self._response: tuple[dict[str, Any], Inbound] | None = None
+        # Runs (app.mechanics.commands.Run): commands on one contended row applied in
+        # memory, their writes held back until `flush_runs`. `_touched`: the runs the event
+        # in progress used (marked), `_loaded`: those it loaded.
+        self._items: Sequence[Inbound] = ()
+        self._item: Inbound | None = None
+        self._runs: dict[Hashable, Run] = {}
+        self._touched: dict[Hashable, Run] = {}
+        self._loaded: set[Hashable] = set()
+        self.write_through = False  # the event in progress may not use a run
 
     def open_versions(self, conn: Connection, tenant_id: int) -> list[store.VersionRef]:
         hit = self.versions.get(tenant_id)
@@ -164,6 +182,7 @@ class BatchCache:
         return hit
 
     def prefetch(self, conn: Connection, items: Sequence[Inbound]) -> None:
+        self._items = items
         refs: dict[int, set[str]] = {}
         ids: dict[int, set[int]] = {}
         for item in items:
@@ -223,10 +242,48 @@ class BatchCache:
         self._written.pop(member_id, None)
         self._instances.pop(member_id, None)
 
-    def begin_event(self) -> None:
+    def begin_event(self, item: Inbound | None = None) -> None:
         self._staged = {}
         self._written = {}
         self._response = None
+        self._item = item
+
+    # ── runs ──
+    def run(self, key: Hashable, load: RunLoader) -> Run:
+        """The batch's run under `key`, loaded the first time with the batch's other items
+        of the same type as peers; marked the first time each event uses it."""
+        found = self._runs.get(key)
+        if found is None:
+            kind = self._item.type if self._item is not None else None
+            peers = [(i.member_id, i.data) for i in self._items if i.type == kind]
+            found = self._runs[key] = load(peers)
+            self._loaded.add(key)
+        if key not in self._touched:
+            found.mark()
+            self._touched[key] = found
+        return found
+
+    def held_back(self, item: Inbound) -> bool:
+        """Whether runs hold writes back that `item` may need to read (it is not a run's
+        command): flush them first."""
+        return bool(self._runs) and (item.type not in RUN_COMMANDS or item.timer_id is not None)
+
+    def flush_runs(self, conn: Connection) -> None:
+        """Write what the runs held back, and forget them: other events may change their
+        rows now."""
+        runs, self._runs = list(self._runs.values()), {}
+        for run in runs:
+            run.flush(conn)
+
+    def event_failed(self) -> None:
+        """The event in progress was rolled back to its savepoint: the runs it used go back
+        to their marks, the ones it loaded (their locks released with it) are dropped."""
+        for key, run in self._touched.items():
+            if key in self._loaded:
+                del self._runs[key]
+            else:
+                run.undo()
+        self._touched, self._loaded = {}, set()
 
     def respond(self, event_id: int, member_id: int | None, raw: str, item: Inbound) -> None:
         """The event's response, for its row once the event has ended well."""
@@ -246,6 +303,7 @@ class BatchCache:
     def end_event(self) -> None:
         """The event applied: what it deferred stays (the latest under each key), and the
         instances it wrote are what later events of the batch read."""
+        self._touched, self._loaded = {}, set()
         for key, work in self._staged.items():
             self._deferred.pop(key, None)
             self._deferred[key] = work
@@ -267,6 +325,7 @@ class BatchCache:
         its own, before the commit; the number of actions it queued. A failure is logged and
         skipped: deferred work is a message about state that is stored already, and must not
         undo the events."""
+        self.flush_runs(conn)
         responses, self._responses, self._answered = self._responses, [], {}
         # One executemany: on PostgreSQL one round trip for the batch (an update each took
         # 58 µs of the writer's CPU and 109 µs of its time; together 26 and 36 per event).
@@ -356,7 +415,7 @@ _DROP_TIMER = delete(timer_t).where(timer_t.c.id == bindparam("b_id"))
 def apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache) -> Reply:
     """Apply one event; the caller owns the transaction (and the event's savepoint) and,
     before committing, calls `cache.run_deferred`."""
-    cache.begin_event()
+    cache.begin_event(item)
     reply = _apply_one(conn, item, now, cache)
     cache.end_event()
     return reply
@@ -675,6 +734,7 @@ def _run_command(
             key,
             lambda c: _enqueue_direct(c, item.tenant_id, actions(), event_id, item.type, now),
         ),
+        run=None if cache.write_through else cache.run,
     )
     effects = handler(ctx)
     m = actor[0] if actor and actor[0].id == effects.member_id else None
@@ -999,35 +1059,66 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
         if items:
             savepoint.begin()
         for n, item in enumerate(items, 1):
-            more = n < len(items)
-            try:
-                reply = apply_one(conn, item, now, cache)
-            except DomainError as exc:
-                savepoint.rollback(again=more)
-                replies.append(Reply(exc.status, {}, error=exc))
-                continue
-            except OperationalError as exc:
-                if _is_retryable(exc) or exc.connection_invalidated:
-                    # The transaction is aborted (retry the batch) or its connection is lost
-                    # (the whole batch is answered 503; nothing of it was committed).
-                    raise
-                savepoint.rollback(again=more)
-                cache.forget()
-                log.exception("event failed in the write path", extra={"fields": _ids(item)})
-                replies.append(Reply(500, {}, error=WritePathError(str(exc.orig))))
-                continue
-            except Exception as exc:  # a bug for one event must not fail the others
-                savepoint.rollback(again=more)
-                cache.forget()
-                log.exception("event failed in the write path", extra={"fields": _ids(item)})
-                replies.append(Reply(500, {}, error=WritePathError(type(exc).__name__)))
-                continue
-            savepoint.release(again=more)
-            replies.append(reply)
+            if cache.held_back(item):
+                _flush_runs(conn, cache, savepoint)
+            replies.append(_apply_item(conn, item, now, cache, savepoint, more=n < len(items)))
         queued = cache.run_deferred(conn)
     if queued and replies:  # said on a reply, so the commit wakes the outbox's delivery
         replies[-1] = replace(replies[-1], actions=replies[-1].actions + queued)
     return replies
+
+
+def _flush_runs(conn: Connection, cache: BatchCache, savepoint: _Savepoint) -> None:
+    """Write what the runs held back before the next event, then move its savepoint past
+    those writes: an event that fails must not take earlier events' lines with it."""
+    cache.flush_runs(conn)
+    savepoint.release(again=True)
+
+
+def _apply_item(
+    conn: Connection,
+    item: Inbound,
+    now: datetime,
+    cache: BatchCache,
+    savepoint: _Savepoint,
+    *,
+    more: bool,
+) -> Reply:
+    """One event under the savepoint open for it; `more`: events follow (take theirs)."""
+    try:
+        reply = apply_one(conn, item, now, cache)
+    except WriteThrough:
+        # Nothing written but the event's claim: roll it back, flush, apply it plainly.
+        savepoint.rollback(again=True)
+        cache.event_failed()
+        _flush_runs(conn, cache, savepoint)
+        cache.write_through = True
+        try:
+            return _apply_item(conn, item, now, cache, savepoint, more=more)
+        finally:
+            cache.write_through = False
+    except DomainError as exc:
+        savepoint.rollback(again=more)
+        cache.event_failed()
+        return Reply(exc.status, {}, error=exc)
+    except OperationalError as exc:
+        if _is_retryable(exc) or exc.connection_invalidated:
+            # The transaction is aborted (retry the batch) or its connection is lost
+            # (the whole batch is answered 503; nothing of it was committed).
+            raise
+        savepoint.rollback(again=more)
+        cache.event_failed()
+        cache.forget()
+        log.exception("event failed in the write path", extra={"fields": _ids(item)})
+        return Reply(500, {}, error=WritePathError(str(exc.orig)))
+    except Exception as exc:  # a bug for one event must not fail the others
+        savepoint.rollback(again=more)
+        cache.event_failed()
+        cache.forget()
+        log.exception("event failed in the write path", extra={"fields": _ids(item)})
+        return Reply(500, {}, error=WritePathError(type(exc).__name__))
+    savepoint.release(again=more)
+    return reply
 
 
 def _ids(item: Inbound) -> dict[str, Any]:

@@ -11,10 +11,10 @@ that no funnel asked for (a refund, a fulfilment).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection
 
@@ -46,6 +46,42 @@ class Effects:
     actions: list[DirectAction] = field(default_factory=list)
 
 
+class Run(Protocol):
+    """A batch's commands on one contended row, applied in memory and written once.
+
+    Appends to one solitaire list arrive together (one writer takes them all, in batches of
+    dozens): each read the list, its stock, the member's group membership and lines, and
+    wrote the stock, the list's line number and the line, nine round trips on PostgreSQL
+    under the list's lock. A run reads those once for the batch (the list locked, the
+    membership and lines of every member of the batch who appends to it), decides each
+    command from memory with the same rules, and holds its writes back until `flush`: one
+    statement per table for the batch.
+
+    The write path keeps the savepoint semantics: `mark` when an event first uses the run,
+    `undo` to that mark when the event fails (a run the failed event loaded is dropped, its
+    lock gone with the savepoint on PostgreSQL). It flushes every run before any event that
+    is not one of `RUN_COMMANDS` (app.mechanics.registry), before the batch's deferred work,
+    and when a command raises `WriteThrough`: what is held back is never missing from what
+    another event reads."""
+
+    def mark(self) -> None: ...
+
+    def undo(self) -> None: ...
+
+    def flush(self, conn: Connection) -> None: ...
+
+
+class WriteThrough(Exception):
+    """Raised by a command that uses a run before it changes anything: it needs the database
+    as it is (the last portion sells out and closes the list). The write path rolls the
+    event back to its savepoint, flushes the runs, and applies it again without one."""
+
+
+# Who else in the batch sends the same command: (member id, data), to prefetch for them.
+Peers = Sequence[tuple[int | None, dict[str, Any]]]
+RunLoader = Callable[[Peers], Run]
+
+
 @dataclass
 class Context:
     conn: Connection
@@ -65,6 +101,10 @@ class Context:
     # `actions()` returns then, once per key (the last event's wins). For messages that only
     # need the final state, such as a solitaire list's text after a burst of appends.
     defer: Callable[[Hashable, Callable[[], list[DirectAction]]], None]
+    # `run(key, load)`: the batch's run under `key`, loaded by `load(peers)` the first time;
+    # None when the command must write through (a timer's, or applied again after
+    # `WriteThrough`).
+    run: Callable[[Hashable, RunLoader], Run] | None = None
 
 
 Handler = Callable[[Context], Effects]

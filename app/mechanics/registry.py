@@ -72,6 +72,11 @@ CONTENDED: dict[str, str] = {
 }
 
 
+# Commands that may apply in memory within a batch (`app.mechanics.commands.Run`): the write
+# path flushes every run before any other event.
+RUN_COMMANDS = frozenset({"solitaire.append"})
+
+
 def contended(event_type: str, data: dict[str, Any]) -> str | None:
     """The row `event_type` writes that others also queue on (see CONTENDED), or None."""
     key = CONTENDED.get(event_type)

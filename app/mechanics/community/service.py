@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db import insert_or_add, insert_or_skip, once_per_transaction, row_json
+from app.db import insert_or_add, insert_or_skip, once_per_transaction, one_of, row_json
 from app.engine.guards import render_template
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
@@ -125,6 +125,26 @@ _MEMBERSHIP = Prepared(
 def membership(conn: Connection, tenant_id: int, group_id: str, member_id: int) -> Any | None:
     params = {"b_tenant": tenant_id, "b_group": group_id, "b_member": member_id}
     return _MEMBERSHIP.record(conn, params)
+
+
+_MEMBERS_IN = Prepared(
+    {
+        d: select(group_member_t.c.member_id).where(
+            group_member_t.c.tenant_id == bindparam("b_tenant"),
+            group_member_t.c.group_id == bindparam("b_group"),
+            listed,
+        )
+        for d, listed in one_of(group_member_t.c.member_id, "b_members").items()
+    }
+)
+
+
+def members_in(
+    conn: Connection, tenant_id: int, group_id: str, member_ids: Sequence[int]
+) -> set[int]:
+    """Which of `member_ids` are in the group, in one statement."""
+    params = {"b_tenant": tenant_id, "b_group": group_id, "b_members": sorted(member_ids)}
+    return {m for (m,) in _MEMBERS_IN.rows(conn, params)}
 
 
 def is_member(conn: Connection, tenant_id: int, group_id: str, member_id: int) -> bool:
