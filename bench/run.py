@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ("baseline", "sqlite", "postgres", "words", "report")
+PHASES = ("webhook", "join", "solitaire")  # what each Flywheel target runs, in this order
 HOST = "127.0.0.1"
 PG_SERVER = os.environ.get(
     "FLYWHEEL_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -103,19 +105,23 @@ def bench_flywheel(
         make = scenarios.Requests(HOST, port, target)
         setup_phase(name, "members joined", load(pool, port, make.joined(a.members), a, 600))
         scenarios.analyze(target)
-        out["webhook"] = load(
-            pool, port, make.messages(a.members, int(a.seconds * 6000)), a, a.seconds
-        )
+        if "webhook" in a.phases:
+            out["webhook"] = load(
+                pool, port, make.messages(a.members, int(a.seconds * 6000)), a, a.seconds
+            )
         tokens = make.tokens(a.members)
-        setup_phase(name, "leaders opened teams", load(pool, port, make.opens(tokens), a, 600))
-        scenarios.analyze(target)
-        joins = make.joins(tokens, scenarios.teams(target))
-        out["join"] = load(pool, port, joins, a, a.seconds)
-        out["join"]["check"] = scenarios.check_teams(target)
-        list_id = scenarios.open_list(target, HOST, port)
-        out["solitaire"] = load(pool, port, make.appends(tokens, list_id), a, a.seconds)
-        answered = out["solitaire"]["statuses"].get(200, 0)
-        out["solitaire"]["check"] = scenarios.check_lines(target, answered)
+        if "join" in a.phases:
+            opens = make.opens(tokens)
+            setup_phase(name, "leaders opened teams", load(pool, port, opens, a, 600))
+            scenarios.analyze(target)
+            joins = make.joins(tokens, scenarios.teams(target))
+            out["join"] = load(pool, port, joins, a, a.seconds)
+            out["join"]["check"] = scenarios.check_teams(target)
+        if "solitaire" in a.phases:
+            list_id = scenarios.open_list(target, HOST, port)
+            out["solitaire"] = load(pool, port, make.appends(tokens, list_id), a, a.seconds)
+            answered = out["solitaire"]["statuses"].get(200, 0)
+            out["solitaire"]["check"] = scenarios.check_lines(target, answered)
     finally:
         stop(proc)
     return out
@@ -156,7 +162,10 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="timed phase per target")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--members", type=int, default=6000, help="members (a fifth lead teams)")
-    p.add_argument("--targets", default="baseline,sqlite,postgres,words,report")
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument(
+        "--phases", default=",".join(PHASES), help="of the Flywheel targets (webhook,join,…)"
+    )
     p.add_argument("--report-members", type=int, default=1_000_000)
     p.add_argument(
         "--durability",
@@ -165,6 +174,7 @@ def main() -> int:
     )
     p.add_argument("--kill-after", type=float, default=3.0, help="seconds into the run")
     a = p.parse_args()
+    a.phases = a.phases.split(",")
     if a.durability:
         return run_durability(a)
     targets = a.targets.split(",")
@@ -197,7 +207,9 @@ def main() -> int:
         from bench.words import measure as measure_words
 
         words = measure_words()
-    report(results, a, words, reports)
+    # A partial run (some targets or phases) prints its table and keeps the results files.
+    whole = set(targets) >= set(TARGETS) and set(a.phases) >= set(PHASES)
+    report(results, a, words, reports, write=whole)
     return 0
 
 
@@ -242,6 +254,8 @@ def report(
     a: Any,
     words: dict[str, Any] | None,
     reports: dict[str, Any] | None = None,
+    *,
+    write: bool = True,
 ) -> None:
     base = results.get("baseline", {}).get("webhook", {}).get("rps") or 0
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -302,6 +316,8 @@ def report(
 
         md += markdown(reports)
     print("\n" + md)
+    if not write:
+        return
     (ROOT / "bench" / "results.md").write_text(md)
     out: dict[str, Any] = {"machine": machine, "measured_at": when}
     if base:
