@@ -1,7 +1,8 @@
 """The one write path: every event (webhook, member API, timer) is applied here.
 
 `apply_one` applies one event inside the caller's transaction: it claims the idempotency key
-in the event log, finds or creates the member (and locks the member's row, so two events of
+in the event log (or takes the claim its batch made for it: `BatchCache.claim`), finds or
+creates the member (and locks the member's row, so two events of
 one member never interleave), steps every funnel the member is in or enters, and writes the
 instances, stage history, timers and outbox rows; the response reaches the event row with the
 batch's others, in one statement before the commit (`BatchCache.run_deferred`).
@@ -16,8 +17,9 @@ batch commits becomes the next batch, so one fsync (SQLite) or one round of WAL 
 (PostgreSQL) serves many events. With several writers (PostgreSQL), a member's events always
 go to the same writer, so batches seldom wait on each other's member locks, and the commands
 on one contended row (a team's joins, a solitaire list's lines) all go to that row's writer,
-which applies them one after another without waiting; a batch that still hits a deadlock is
-retried whole, since nothing of it committed.
+which applies them one after another without waiting, and a batch's solitaire appends to
+one list are applied together (a run: `app.mechanics.commands.Run`); a batch that still hits
+a deadlock is retried whole, since nothing of it committed.
 """
 
 from __future__ import annotations
@@ -215,8 +217,14 @@ class BatchCache:
         for r in rows:
             self._members[r.id] = r
             self._by_ref[(r.tenant_id, r.external_id)] = r.id
-        if self._members:
-            self._instances = store.instances_of_members(conn, self._members)
+        # Funnel instances of the members whose events may step a funnel: not those who only
+        # send a run's commands (an append steps none; should one emit, as the append that
+        # closes a list does, its members' instances are read then).
+        stepping = {self.known_member(item) for item in items if item.type not in RUN_COMMANDS} - {
+            None
+        }
+        if stepping:
+            self._instances = store.instances_of_members(conn, stepping)  # type: ignore[arg-type]
 
     def claim(self, conn: Connection, items: Sequence[Inbound], now: datetime) -> None:
         """Claim the batch's event rows with one statement (an executemany of
@@ -1132,8 +1140,10 @@ class _Savepoint:
 
     def release(self, *, again: bool) -> None:
         """The event's changes kept; `again`: the next event's savepoint taken."""
-        if again and not self._used:
-            return  # nothing since the savepoint: it serves the next event as it is
+        if not self._used:
+            # Nothing since the savepoint: it serves the next event as it is, or, after the
+            # last, stays open until the commit (nothing rolls back to it then).
+            return
         if again:
             self._run(f"RELEASE SAVEPOINT {self.NAME}", f"SAVEPOINT {self.NAME}")
         else:
@@ -1142,7 +1152,7 @@ class _Savepoint:
 
     def rollback(self, *, again: bool) -> None:
         """The event's changes undone; `again`: the savepoint kept for the next event."""
-        if again and not self._used:
+        if not self._used:
             return
         if again:
             self._run(f"ROLLBACK TO SAVEPOINT {self.NAME}")
