@@ -154,7 +154,11 @@ class BatchCache:
     later events of the batch; an event rolled back to its savepoint leaves none behind.
     Timers and sweeps use the cache without prefetching."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, runs: bool = False) -> None:
+        """`runs`: commands may use runs (app.mechanics.commands.Run), for a caller that
+        flushes them as `_apply_batch_once` does (before other events and the deferred
+        work, and on `WriteThrough`); timers and sweeps apply without."""
+        self.runs = runs
         self.versions: dict[int, list[store.VersionRef]] = {}
         self._members: dict[int, Any] = {}  # member id -> locked row, not yet handed out
         self._by_ref: dict[tuple[int, str], int] = {}  # (tenant, external id) -> member id
@@ -830,7 +834,7 @@ def _run_command(
             key,
             lambda c: _enqueue_direct(c, item.tenant_id, actions(), event_id, item.type, now),
         ),
-        run=None if cache.write_through else cache.run,
+        run=cache.run if cache.runs and not cache.write_through else None,
     )
     effects = handler(ctx)
     m = actor[0] if actor and actor[0].id == effects.member_id else None
@@ -1163,7 +1167,7 @@ class _Savepoint:
 
 def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -> list[Reply]:
     replies: list[Reply] = []
-    cache = BatchCache()
+    cache = BatchCache(runs=True)
     # On SQLite the batch waits for other writers (workers' rounds) to have their turn.
     with engine.connect().execution_options(**{GIVES_WAY: True}) as conn, conn.begin():
         cache.prefetch(conn, items)
