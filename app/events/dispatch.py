@@ -224,11 +224,13 @@ class BatchCache:
         # Funnel instances of the members whose events may step a funnel: not those who only
         # send a run's commands (an append steps none; should one emit, as the append that
         # closes a list does, its members' instances are read then).
-        stepping = {self.known_member(item) for item in items if item.type not in RUN_COMMANDS} - {
-            None
+        stepping = {
+            member_id
+            for item in items
+            if item.type not in RUN_COMMANDS and (member_id := self.known_member(item)) is not None
         }
         if stepping:
-            self._instances = store.instances_of_members(conn, stepping)  # type: ignore[arg-type]
+            self._instances = store.instances_of_members(conn, stepping)
 
     def claim(self, conn: Connection, items: Sequence[Inbound], now: datetime) -> None:
         """Claim the batch's event rows with one statement (an executemany of

@@ -102,8 +102,8 @@ class Context:
     # need the final state, such as a solitaire list's text after a burst of appends.
     defer: Callable[[Hashable, Callable[[], list[DirectAction]]], None]
     # `run(key, load)`: the batch's run under `key`, loaded by `load(peers)` the first time;
-    # None when the command must write through (a timer's, or applied again after
-    # `WriteThrough`).
+    # None when the command must write through (outside the dispatcher's batches: timers and
+    # sweeps; or applied again after `WriteThrough`).
     run: Callable[[Hashable, RunLoader], Run] | None = None
 
 
