@@ -351,3 +351,138 @@ def test_a_batch_of_appends_to_one_list_writes_each_table_once(engine):
     assert three["INSERT solitaire_line"] == 1, three  # one executemany
     assert three["UPDATE solitaire_stock"] == 1, three
     assert three == one, (one, three)
+
+
+# ── a group's messages: their counters held back and written together ─────────────────────
+CHATTERS = ["ann", "bo", "cy"]
+SAYS = {
+    "post": {"text": "今天的红烧肉很好吃"},
+    "ask": {"text": "请问几点可以取餐?"},
+    "link": {"text": "看 https://spam.example.com/deal"},  # a share, and a strike
+    "word": {"text": "加微信订餐"},  # a listed word: a strike
+}
+CHAT_OPS = st.lists(
+    st.tuples(
+        st.sampled_from([*SAYS, "join", "leave", "fail"]),
+        st.integers(0, len(CHATTERS) - 1),
+    ),
+    min_size=1,
+    max_size=16,
+)
+
+
+def _chat_tenant(engine: Engine, now: datetime) -> int:
+    """office-lunch, with group "g" registered (moderation on, one listed word) and its
+    owner "cy", exempt from moderation."""
+    from app.mechanics.community.service import group_member_t, group_t, word_t
+
+    tenant_id = tenant_with_funnel(engine, "office-lunch", None, now)
+    with engine.begin() as conn:
+        conn.execute(
+            group_t.insert().values(
+                tenant_id=tenant_id,
+                group_id="g",
+                name="午餐福利群",
+                kind="product",
+                settings={},
+                words_version=1,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        conn.execute(word_t.insert().values(tenant_id=tenant_id, group_id="g", word="微信"))
+    [owner] = apply_batch(engine, [_chat_op(tenant_id, ("join", 2), 0)], now)
+    with engine.begin() as conn:
+        conn.execute(
+            group_member_t.update()
+            .where(group_member_t.c.member_id == owner.body["member"]["id"])
+            .values(role="owner")
+        )
+    return tenant_id
+
+
+def _chat_op(tenant_id: int, op: tuple[str, int], n: int) -> Inbound:
+    kind, who = op
+    member = {"id": CHATTERS[who]}
+    if kind in ("join", "leave"):
+        kind = "member.joined" if kind == "join" else "member.left"
+        return Inbound(tenant_id, "bot", kind, {"group_id": "g"}, member=member)
+    said = SAYS["word" if kind == "fail" else kind]
+    data = {"group_id": "g", "message_id": f"m{n}", **said, "fail": kind == "fail"}
+    return Inbound(tenant_id, "bot", "message.posted", data, member=member)
+
+
+def _chat_outcome(engine: Engine, tenant_id: int) -> dict[str, Any]:
+    from app.mechanics.community.service import day_t, decision_t, group_member_t, member_t
+
+    def named(table: Any, *columns: Any) -> list[tuple[Any, ...]]:
+        rows = conn.execute(
+            select(member_t.c.external_id, *columns)
+            .join(member_t, member_t.c.id == table.c.member_id)
+            .where(table.c.tenant_id == tenant_id)
+            .order_by(member_t.c.external_id, *columns)
+        )
+        return [tuple(r) for r in rows]
+
+    with engine.connect() as conn:
+        g = group_member_t.c
+        return {
+            "members": named(group_member_t, g.role, g.messages, g.joined_at, g.last_seen_at),
+            "warned": named(group_member_t, g.warned_at),
+            "days": named(day_t, day_t.c.day, day_t.c.messages, day_t.c.shares, day_t.c.questions),
+            "decisions": named(decision_t, decision_t.c.action, decision_t.c.rule),
+        }
+
+
+def _failing_watcher(*args: Any) -> None:
+    """Fails a message that asks to, after community's watcher has counted (and perhaps
+    moderated) it: the event's savepoint must take all of that back."""
+    from app.errors import Refused
+
+    if args[4].get("fail"):
+        raise Refused("test_failure", "this message was set to fail")
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=CHAT_OPS)
+def test_messages_counted_together_end_as_if_counted_one_by_one(engine, ops):
+    """A batch's messages add to the members' group and day rows in memory, written once
+    (a run); the batch leaves exactly what the same events leave one transaction each:
+    moderation's warnings and removals (a removal writes what the batch held back, then
+    deletes the row), joins and leaves between the messages, the owner exempt, and messages
+    that fail after they were counted (even after a removal wrote the counters)."""
+    from unittest import mock
+
+    from app.events import dispatch
+
+    now = OPENS + timedelta(minutes=1)
+    together, alone = _chat_tenant(engine, now), _chat_tenant(engine, now)
+    with mock.patch.object(dispatch, "WATCHERS", (*dispatch.WATCHERS, _failing_watcher)):
+        batch = apply_batch(engine, [_chat_op(together, op, n) for n, op in enumerate(ops)], now)
+        singles = [
+            apply_batch(engine, [_chat_op(alone, op, n)], now)[0] for n, op in enumerate(ops)
+        ]
+    assert [(r.status, r.actions) for r in batch] == [(r.status, r.actions) for r in singles]
+    assert all(r.status in (200, 409) for r in batch), [r.error for r in batch]
+    assert _chat_outcome(engine, together) == _chat_outcome(engine, alone)
+
+
+def test_a_batch_of_messages_writes_the_group_counters_once(engine):
+    """Ten messages in one batch: one statement for the members' group rows and one for
+    their day rows, however many messages the batch holds."""
+    now = OPENS + timedelta(minutes=1)
+
+    def messages(n: int) -> Counter[str]:
+        tenant_id = _chat_tenant(engine, now)
+        ops = [("post", i % len(CHATTERS)) for i in range(n)]
+        with counted(engine) as seen:
+            replies = apply_batch(
+                engine, [_chat_op(tenant_id, op, i) for i, op in enumerate(ops)], now
+            )
+        assert all(r.ok for r in replies)
+        return seen
+
+    one, ten = messages(1), messages(10)
+    assert ten["INSERT group_member"] == 1, ten
+    assert ten["INSERT group_day"] == 1, ten
+    assert one["INSERT group_member"] == 1, one

@@ -70,6 +70,7 @@ from app.mechanics.commands import (
     Run,
     RunLoader,
     WriteThrough,
+    lending_runs,
 )
 from app.mechanics.community import service as community
 from app.mechanics.referral import service as referral
@@ -316,15 +317,33 @@ class BatchCache:
             peers = [(i.member_id, i.data) for i in self._items if i.type == kind]
             found = self._runs[key] = load(peers)
             self._loaded.add(key)
+        return self._use(key, found)
+
+    def lend(self, key: Hashable, load: RunLoader | None) -> Run | None:
+        """`run` for code with only the connection (`app.mechanics.commands.batch_run`):
+        None while the event in progress writes through, or, with no `load`, if no run is
+        open under `key`."""
+        if self.write_through:
+            return None
+        if load is not None:
+            return self.run(key, load)
+        found = self._runs.get(key)
+        return self._use(key, found) if found is not None else None
+
+    def _use(self, key: Hashable, found: Run) -> Run:
         if key not in self._touched:
             found.mark()
             self._touched[key] = found
         return found
 
     def held_back(self, item: Inbound) -> bool:
-        """Whether runs hold writes back that `item` may need to read (it is not a run's
-        command): flush them first."""
-        return bool(self._runs) and (item.type not in RUN_COMMANDS or item.timer_id is not None)
+        """Whether runs hold writes back that `item` may need to read (it is not of every
+        open run's kinds, or a timer's): flush them first."""
+        if not self._runs:
+            return False
+        return item.timer_id is not None or any(
+            item.type not in run.kinds for run in self._runs.values()
+        )
 
     def flush_runs(self, conn: Connection) -> None:
         """Write what the runs held back, and forget them: other events may change their
@@ -1171,7 +1190,11 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
     replies: list[Reply] = []
     cache = BatchCache(runs=True)
     # On SQLite the batch waits for other writers (workers' rounds) to have their turn.
-    with engine.connect().execution_options(**{GIVES_WAY: True}) as conn, conn.begin():
+    with (
+        engine.connect().execution_options(**{GIVES_WAY: True}) as conn,
+        conn.begin(),
+        lending_runs(conn, cache.lend),
+    ):
         cache.prefetch(conn, items)
         cache.claim(conn, items, now)
         savepoint = _Savepoint(conn)

@@ -11,7 +11,8 @@ that no funnel asked for (a refund, a fulfilment).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -47,7 +48,7 @@ class Effects:
 
 
 class Run(Protocol):
-    """A batch's commands on one contended row, applied in memory and written once.
+    """A batch's writes to contended rows, applied in memory and written once.
 
     Appends to one solitaire list arrive together (one writer takes them all, in batches of
     dozens): each read the list, its stock, the member's group membership and lines, and
@@ -55,14 +56,18 @@ class Run(Protocol):
     under the list's lock. A run reads those once for the batch (the list locked, the
     membership and lines of every member of the batch who appends to it), decides each
     command from memory with the same rules, and holds its writes back until `flush`: one
-    statement per table for the batch.
+    statement per table for the batch. A group's messages do the same with the counters
+    each one adds to (app.mechanics.community.service `_Activity`).
 
     The write path keeps the savepoint semantics: `mark` when an event first uses the run,
     `undo` to that mark when the event fails (a run the failed event loaded is dropped, its
-    lock gone with the savepoint on PostgreSQL). It flushes every run before any event that
-    is not one of `RUN_COMMANDS` (app.mechanics.registry), before the batch's deferred work,
-    and when a command raises `WriteThrough`: what is held back is never missing from what
-    another event reads."""
+    lock gone with the savepoint on PostgreSQL). It flushes every run before any event whose
+    type is not one of the run's `kinds`, before the batch's deferred work, and when a
+    command raises `WriteThrough`: what is held back is never missing from what another
+    event reads. (Within its own kind of event, whatever reads the run's rows flushes it
+    first; `undo` must then bring back what the rollback took from the database.)"""
+
+    kinds: frozenset[str]  # the event types it may stay open across
 
     def mark(self) -> None: ...
 
@@ -80,6 +85,33 @@ class WriteThrough(Exception):
 # Who else in the batch sends the same command: (member id, data), to prefetch for them.
 Peers = Sequence[tuple[int | None, dict[str, Any]]]
 RunLoader = Callable[[Peers], Run]
+
+
+# Where the dispatcher's batch lends its runs to code that has only the connection (the
+# watchers of plain events, such as community's message counters): `batch_run`.
+_RUNS = "flywheel.batch_runs"
+RunSource = Callable[[Hashable, RunLoader | None], Run | None]
+
+
+def batch_run(conn: Connection, key: Hashable, load: RunLoader | None = None) -> Run | None:
+    """The run under `key` of the batch `conn` is applying, as `Context.run` gives a command
+    (loaded by `load` the first time); with no `load`, only a run already open. None outside
+    the dispatcher's batches (timers, sweeps, tests' single events): write through."""
+    runs: RunSource | None = conn.info.get(_RUNS)
+    return runs(key, load) if runs is not None else None
+
+
+@contextmanager
+def lending_runs(conn: Connection, runs: RunSource) -> Iterator[None]:
+    """`batch_run` answers from `runs` while the block runs (the connection's `info` outlives
+    the checkout, so the loan ends with the block). The dict is taken once: a connection the
+    database dropped refuses `conn.info`, which would hide the error that dropped it."""
+    info = conn.info
+    info[_RUNS] = runs
+    try:
+        yield
+    finally:
+        info.pop(_RUNS, None)
 
 
 @dataclass

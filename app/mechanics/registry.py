@@ -72,8 +72,9 @@ CONTENDED: dict[str, str] = {
 }
 
 
-# Commands that may apply in memory within a batch (`app.mechanics.commands.Run`): the write
-# path flushes every run before any other event.
+# Commands that apply in memory within a batch (`app.mechanics.commands.Run`, flushed before
+# any event of another kind) and step no funnel: the batch reads no funnel instances for
+# members who only send these.
 RUN_COMMANDS = frozenset({"solitaire.append"})
 
 

@@ -401,6 +401,8 @@ class _Appends:
     PostgreSQL: 9 round trips per append under the list's lock became none of its own (its
     event's row is claimed with the batch's, and its savepoint, unused, serves the next)."""
 
+    kinds = frozenset({"solitaire.append"})
+
     def __init__(
         self,
         sl: Any,
