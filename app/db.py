@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
@@ -25,8 +25,11 @@ from sqlalchemy import (
     Engine,
     MetaData,
     Table,
+    Text,
     any_,
     bindparam,
+    cast,
+    column,
     create_engine,
     event,
     func,
@@ -39,6 +42,8 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
 
 from app.turn import turn_for
+
+ROWS = "rows"  # the parameter of `unnested`
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -72,17 +77,43 @@ def insert_or_skip(table: Table, keys: Sequence[str], returning: Any = None) -> 
     return out
 
 
+def _adding(stmt: Any, table: Table, keys: Sequence[str], counters: Sequence[str]) -> Any:
+    return stmt.on_conflict_do_update(
+        index_elements=list(keys), set_={c: table.c[c] + stmt.excluded[c] for c in counters}
+    )
+
+
 def insert_or_add(table: Table, keys: Sequence[str], counters: Sequence[str]) -> dict[str, Any]:
     """`INSERT … ON CONFLICT (keys) DO UPDATE SET c = c + excluded.c` for each of `counters`,
     built once for each dialect; execute `stmt[conn.dialect.name]`. Counts kept by adding,
     several rows in one statement."""
-    out: dict[str, Any] = {}
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
-        stmt: Any = dialect.insert(table)
-        out[name] = stmt.on_conflict_do_update(
-            index_elements=list(keys), set_={c: table.c[c] + stmt.excluded[c] for c in counters}
-        )
-    return out
+    return {
+        name: _adding(dialect.insert(table), table, keys, counters)
+        for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+    }
+
+
+def add_rows(table: Table, keys: Sequence[str], counters: Sequence[str]) -> Any:
+    """PostgreSQL's `insert_or_add` over rows bound as one parameter (`insert_rows`)."""
+    return _adding(insert_rows(table, [*keys, *counters]), table, keys, counters)
+
+
+def unnested(columns: Mapping[str, Any]) -> Any:
+    """PostgreSQL's `json_to_recordset(:rows) AS rows(a type, b type, …)`: a batch's rows
+    bound as one parameter, a JSON array of objects (`app.prepared.Many` makes it with
+    orjson), each key read as the named column's type, for one statement over them all.
+    Select from it, join it, take `rows.c.<key>`. (Arrays, one per column through `unnest`,
+    cost more: psycopg dumps each array's items in Python, slower than executemany.)"""
+    source = func.json_to_recordset(cast(bindparam(ROWS, type_=Text), postgresql.JSON))
+    typed = [column(name, c.type) for name, c in columns.items()]
+    return source.table_valued(*typed).render_derived(name="rows", with_types=True)
+
+
+def insert_rows(table: Table, names: Sequence[str]) -> Any:
+    """PostgreSQL's `INSERT INTO table (names) SELECT … FROM json_to_recordset(…)`, the rows'
+    keys the columns' names (`unnested`): add `.on_conflict_…` as for a plain insert."""
+    rows = unnested({n: table.c[n] for n in names})
+    return postgresql.insert(table).from_select(list(names), select(*rows.c))
 
 
 def one_of(column: Any, name: str) -> dict[str, Any]:

@@ -7,12 +7,12 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, delete, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.events.models import EventLog
 from app.mechanics.community.models import GroupMember
 from app.members.models import Member
-from app.prepared import Prepared
+from app.prepared import Many, Prepared
 from app.timers.models import Timer
 from tests.conftest import new_tenant
 from tests.test_write_path import counted
@@ -171,3 +171,58 @@ def test_a_datetime_bound_again_and_again_stores_each_value_it_was_given(engine)
         )
     assert stored == {key: at for key, at in sent}
     assert stored["d"] - stored["a"] == timedelta(microseconds=1)
+
+
+# ── Many: a batch's rows in one statement ─────────────────────────────────────────────────
+_ROW = ("tenant_id", "source", "dedupe_key", "digest", "type", "occurred_at", "received_at", "data")
+
+
+def test_many_rows_store_what_connection_execute_stores(engine):
+    """PostgreSQL takes the rows as one JSON parameter: unicode, quotes, nested JSON, NULLs
+    and datetimes in other zones arrive as `Connection.execute` stores them."""
+    from app.db import insert_rows
+
+    tenant_id, _ = new_tenant(engine)
+    at = datetime(2026, 11, 23, 20, 15, 30, 123456, tzinfo=BEIJING)
+    many = Many(_ROW, insert_rows(event_t, _ROW), insert(event_t))
+    rows = [
+        {**_event(tenant_id, f"many-{i}", at + timedelta(seconds=i)), "digest": None}
+        for i in range(3)
+    ]
+    with engine.begin() as conn:
+        conn.execute(
+            insert(event_t), [{**r, "dedupe_key": f"core-{i}"} for i, r in enumerate(rows)]
+        )
+        with counted(engine) as seen:
+            many.run(conn, rows)
+            many.run(conn, [])  # nothing to write: no statement
+    assert sum(seen.values()) == 1, seen
+    with engine.connect() as conn:
+        stored = {
+            r.dedupe_key: r._asdict()
+            for r in conn.execute(select(event_t).where(event_t.c.tenant_id == tenant_id))
+        }
+    for i in range(3):
+        core, mine = stored[f"core-{i}"], stored[f"many-{i}"]
+        for r in (core, mine):
+            del r["id"], r["dedupe_key"]
+        assert mine == core
+        assert mine["occurred_at"] == at + timedelta(seconds=i)
+
+
+@pytest.mark.postgres
+def test_many_rows_refuse_a_value_too_long_for_its_column_on_postgresql(postgres_url):
+    """Read as the column's type, a value too long is an error (as a row's own INSERT), not
+    cut short as a cast to varchar(n) would. (SQLite stores strings of any length.)"""
+    from app.db import insert_rows, make_engine
+
+    engine = make_engine(postgres_url)
+    try:
+        with engine.begin() as conn:
+            tenant_id = conn.execute(select(event_t.c.tenant_id).limit(1)).scalar()
+        many = Many(_ROW, insert_rows(event_t, _ROW), insert(event_t))
+        row = _event(tenant_id or 0, "k" * 201, datetime(2026, 11, 23, tzinfo=UTC))
+        with pytest.raises(DBAPIError, match="too long"), engine.begin() as conn:
+            many.run(conn, [row])
+    finally:
+        engine.dispose()

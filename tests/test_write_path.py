@@ -37,7 +37,7 @@ def counted(engine: Engine) -> Iterator[Counter[str]]:
     def count(_conn, _cursor, statement: str, *_args) -> None:  # type: ignore[no-untyped-def]
         words = statement.split()
         table = next(
-            (w for prev, w in pairwise(words) if prev in ("FROM", "INTO")),
+            (w for prev, w in pairwise(words) if prev in ("FROM", "INTO", "UPDATE")),
             words[1] if len(words) > 1 else "",
         )
         seen[f"{words[0]} {table}"] += 1
@@ -81,7 +81,7 @@ def test_a_batch_reads_its_members_and_their_instances_once(engine):
     seen = _messages_after(engine, tenant_id, 10)
     assert seen["SELECT member"] == 1, seen
     assert seen["SELECT funnel_instance"] == 1, seen
-    assert seen["UPDATE event"] == 1, seen  # the responses, one executemany for the batch
+    assert seen["UPDATE event"] == 1, seen  # the responses, one statement for the batch
     per_event = sum(seen.values()) / 10
     assert per_event <= 12, seen  # claim, two activity rows, instance, stage rows, outbox…
 

@@ -17,7 +17,15 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db import insert_or_add, insert_or_skip, once_per_transaction, one_of, row_json
+from app.db import (
+    add_rows,
+    insert_or_add,
+    insert_or_skip,
+    insert_rows,
+    once_per_transaction,
+    one_of,
+    row_json,
+)
 from app.engine.guards import render_template
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
@@ -38,7 +46,7 @@ from app.mechanics.community.settings import PROTECTED_ROLES, GroupSettings, Mod
 from app.mechanics.rewards.campaigns import running
 from app.mechanics.rewards.grant import grant_campaign_reward
 from app.members.models import Member
-from app.prepared import Prepared
+from app.prepared import Many, Prepared
 
 group_t: Table = ChatGroup.__table__  # type: ignore[attr-defined]
 group_member_t: Table = GroupMember.__table__  # type: ignore[attr-defined]
@@ -292,10 +300,14 @@ def group_reward(
 
 
 # ── activity ──────────────────────────────────────────────────────────────────────────────
-def _touch(dialect: Any) -> Any:
+_TOUCHED = ("tenant_id", "group_id", "member_id", "joined_at", "messages", "last_seen_at")
+
+
+def _touch(dialect: Any, rows: bool = False) -> Any:
     """Messages' write of the member's counters in the group (joining them if the bot never
-    said they joined): `messages` of them, the last seen at `last_seen_at`."""
-    ins: Any = dialect.insert(group_member_t)
+    said they joined): `messages` of them, the last seen at `last_seen_at`. `rows`: of many
+    members at once (PostgreSQL, `app.prepared.Many`)."""
+    ins: Any = insert_rows(group_member_t, _TOUCHED) if rows else dialect.insert(group_member_t)
     return ins.on_conflict_do_update(
         index_elements=["tenant_id", "group_id", "member_id"],
         set_={
@@ -330,10 +342,16 @@ def _activity_in_one() -> Any:
 
 
 # A message outside a batch's run: SQLite, the two writes one after the other; PostgreSQL,
-# one statement. A run's flush: one executemany of each.
-_TOUCH = Prepared({"postgresql": _touch(postgresql), "sqlite": _touch(sqlite)})
-_BUMP_DAY = Prepared(insert_or_add(day_t, _DAY_KEY, _DAY_COUNTS))
+# one statement. A run's flush: one statement for each table.
+_TOUCH = Prepared(_touch(sqlite))
+_BUMP_DAY = Prepared(insert_or_add(day_t, _DAY_KEY, _DAY_COUNTS)["sqlite"])
 _ACTIVITY = Prepared(_activity_in_one())
+_TOUCH_ROWS = Many(_TOUCHED, _touch(postgresql, rows=True), _touch(sqlite))
+_DAY_ROWS = Many(
+    [*_DAY_KEY, *_DAY_COUNTS],
+    add_rows(day_t, _DAY_KEY, _DAY_COUNTS),
+    insert_or_add(day_t, _DAY_KEY, _DAY_COUNTS)["sqlite"],
+)
 _ACTIVITY_RUN = "community.activity"
 DEFAULT_ROLE = "member"  # the role of a row a message or a join makes
 
@@ -387,7 +405,7 @@ class _Activity:
         members, days = sorted(self.members.items()), sorted(self.days.items())
         self.members, self.days = {}, {}
         if members:
-            _TOUCH.run_many(
+            _TOUCH_ROWS.run(
                 conn,
                 [
                     {
@@ -402,7 +420,7 @@ class _Activity:
                 ],
             )
         if days:
-            _BUMP_DAY.run_many(
+            _DAY_ROWS.run(
                 conn,
                 [
                     {

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import Connection, Table, bindparam, select, update
 
-from app.db import one_of
+from app.db import insert_rows, one_of
 from app.engine.definition import Solitaire
 from app.engine.paths import pydantic_loc_to_path
 from app.engine.schedule import parse_duration
@@ -43,7 +43,7 @@ from app.mechanics.rewards.grant import grant_reward
 from app.mechanics.solitaire import parse, rules
 from app.mechanics.solitaire.models import SolitaireLine, SolitaireList, SolitaireStock
 from app.members.models import Member
-from app.prepared import Prepared
+from app.prepared import Many, Prepared
 
 list_t: Table = SolitaireList.__table__  # type: ignore[attr-defined]
 line_t: Table = SolitaireLine.__table__  # type: ignore[attr-defined]
@@ -194,6 +194,22 @@ _NEXT_SEQ = Prepared(
     .returning(list_t.c.last_seq)
 )
 _NEW_LINE = Prepared(line_t.insert())
+_LINE = (
+    "tenant_id",
+    "list_id",
+    "seq",
+    "member_id",
+    "on_behalf_of",
+    "items",
+    "note",
+    "pickup",
+    "address",
+    "total_fen",
+    "status",
+    "created_at",
+    "updated_at",
+)
+_NEW_LINES = Many(_LINE, insert_rows(line_t, _LINE), line_t.insert())
 
 
 # A batch's appends to one list (`_Appends`): its appenders' live lines, read together, and
@@ -341,7 +357,7 @@ def _checked(
 def _line(
     ctx: Context, sl: Any, seq: int, m: Any, data: dict[str, Any], priced: rules.Priced
 ) -> dict[str, Any]:
-    return {
+    return {  # the columns of _LINE
         "tenant_id": ctx.tenant_id,
         "list_id": sl.id,
         "seq": seq,
@@ -446,7 +462,7 @@ class _Appends:
         ]
         _ADD_RESERVED.run_many(conn, taken)
         _SET_SEQ.run(conn, {"b_list": self.sl.id, "b_seq": self.seq})
-        _NEW_LINE.run_many(conn, self.new)
+        _NEW_LINES.run(conn, self.new)
         self.new = []
         self._stored = {sku: reserved for sku, (_, reserved) in self.stock.items()}
 
