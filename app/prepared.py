@@ -262,3 +262,11 @@ class Many:
             self._postgresql.run(conn, {ROWS: orjson.dumps(rows).decode()})
         else:
             self._sqlite.run_many(conn, rows)
+
+    def returned(self, conn: Connection, rows: Sequence[Params]) -> list[tuple[Any, ...]] | None:
+        """`run`, answering what PostgreSQL's statement returns (its RETURNING, as the
+        driver's tuples); None on SQLite, whose executemany returns nothing."""
+        if conn.dialect.name != "postgresql" or not rows:
+            self.run(conn, rows)
+            return None if rows else []
+        return self._postgresql.rows(conn, {ROWS: orjson.dumps(rows).decode()})

@@ -234,10 +234,11 @@ class BatchCache:
             self._instances = store.instances_of_members(conn, stepping)
 
     def claim(self, conn: Connection, items: Sequence[Inbound], now: datetime) -> None:
-        """Claim the batch's event rows with one statement (an executemany of
-        `INSERT … ON CONFLICT DO NOTHING`, ids allocated first) and one read of which rows
-        were made, instead of an INSERT … RETURNING per event: on PostgreSQL a round trip
-        per event, under the contended row's lock for a team's joins or a list's appends.
+        """Claim the batch's event rows with one statement (`INSERT … ON CONFLICT DO
+        NOTHING`, ids allocated first; PostgreSQL returns which rows it made, SQLite's
+        executemany is followed by a read of them), instead of an INSERT … RETURNING per
+        event: on PostgreSQL a round trip per event, under the contended row's lock for a
+        team's joins or a list's appends.
         A key that comes twice in the batch is claimed by its events one by one, as
         `_apply_one` does without a batch (the second waits for the first's outcome)."""
         keys = Counter((i.tenant_id, i.source, i.key) for i in items if i.key is not None)
@@ -253,12 +254,13 @@ class BatchCache:
             {"id": event_id, **_event_row(item, now, self)}
             for event_id, (_, item) in zip(ids, todo, strict=True)
         ]
-        _CLAIM_ROWS.run(conn, rows)
-        made = (
-            {i for (i,) in _CLAIMED.rows(conn, {"b_ids": ids})}
-            if any(item.key is not None for _, item in todo)
-            else set(ids)  # rows without a key never conflict
-        )
+        returned = _CLAIM_ROWS.returned(conn, rows)  # PostgreSQL: the ids of the rows made
+        if returned is not None:
+            made = {i for (i,) in returned}
+        elif any(item.key is not None for _, item in todo):
+            made = {i for (i,) in _CLAIMED.rows(conn, {"b_ids": ids})}
+        else:
+            made = set(ids)  # rows without a key never conflict
         for event_id, (n, _) in zip(ids, todo, strict=True):
             self._claims[n] = event_id if event_id in made else None
 
@@ -454,7 +456,9 @@ _CLAIMED_ROW = (
 )
 _CLAIM_ROWS = Many(
     _CLAIMED_ROW,
-    insert_rows(event_t, _CLAIMED_ROW).on_conflict_do_nothing(index_elements=_EVENT_KEY),
+    insert_rows(event_t, _CLAIMED_ROW)
+    .on_conflict_do_nothing(index_elements=_EVENT_KEY)
+    .returning(event_t.c.id),
     insert_or_skip(event_t, _EVENT_KEY)["sqlite"],
 )
 _CLAIMED = Prepared(
