@@ -468,21 +468,23 @@ _UNCLAIM = Prepared(delete(event_t).where(event_t.c.id == bindparam("b_id")))
 # Ids for a batch's event rows: taken from the sequence on PostgreSQL; on SQLite, where the
 # batch holds the write lock, the next ones after the largest ever given (AUTOINCREMENT's
 # own record, so a deleted row's id is never given again).
-_NEXT_IDS = {
-    "postgresql": text(
-        "SELECT nextval(pg_get_serial_sequence('event', 'id')) FROM generate_series(1, :n)"
-    ),
-    "sqlite": text(
-        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'event'), 0),"
-        " coalesce((SELECT max(id) FROM event), 0))"
-    ),
-}
+_NEXT_IDS = Prepared(
+    {
+        "postgresql": text(
+            "SELECT nextval(pg_get_serial_sequence('event', 'id')) FROM generate_series(1, :n)"
+        ),
+        "sqlite": text(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'event'), 0),"
+            " coalesce((SELECT max(id) FROM event), 0))"
+        ),
+    }
+)
 
 
 def _allocate_event_ids(conn: Connection, n: int) -> list[int]:
     if conn.dialect.name == "postgresql":
-        return [int(i) for i in conn.execute(_NEXT_IDS["postgresql"], {"n": n}).scalars()]
-    last = int(conn.execute(_NEXT_IDS["sqlite"]).scalar_one())
+        return [int(i) for (i,) in _NEXT_IDS.rows(conn, {"n": n})]
+    last = int(_NEXT_IDS.rows(conn, {})[0][0])
     return list(range(last + 1, last + n + 1))
 
 
@@ -1166,7 +1168,10 @@ class _Savepoint:
     CPU, 86 -> 45 µs of its time); sqlite3 takes one statement at a time, and costs little
     for each. A savepoint rolled back to stays open, fresh, for the next event, and so does
     one the event sent no statement under (an append applied in memory by its batch's run,
-    its row claimed with the batch's: on PostgreSQL such an event costs no round trip)."""
+    its row claimed with the batch's: on PostgreSQL such an event costs no round trip).
+
+    The batch's first savepoint is taken only when an event first sends a statement (just
+    before it): a batch of messages or appends, whose events send none, takes none."""
 
     NAME = "flywheel_event"
 
@@ -1174,11 +1179,17 @@ class _Savepoint:
         self._cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         self._driver_error: type[Exception] = conn.dialect.loaded_dbapi.Error
         self._joined = conn.dialect.name == "postgresql"
-        self._used = False  # a statement ran since the savepoint was taken
+        self._open = False  # the savepoint is taken (and neither released nor replaced)
+        self._used = False  # a statement ran since it was taken (or rolled back to)
+        self._armed = False  # an event is applying: its statements need the savepoint
         sa_event.listen(conn, "before_cursor_execute", self._ran)  # Prepared's statements too
 
     def _ran(self, *_: Any) -> None:
-        self._used = True
+        if self._armed and not self._open:
+            self._run(f"SAVEPOINT {self.NAME}")
+            self._open = True
+        if self._open:
+            self._used = True
 
     def _run(self, *statements: str) -> None:
         batches = ["; ".join(statements)] if self._joined else statements
@@ -1191,30 +1202,47 @@ class _Savepoint:
                 raise OperationalError(statement, None, exc, connection_invalidated=True) from exc
 
     def begin(self) -> None:
-        self._run(f"SAVEPOINT {self.NAME}")
-        self._used = False
+        """The first event's savepoint, taken with its first statement."""
+        self._armed = True
 
     def release(self, *, again: bool) -> None:
         """The event's changes kept; `again`: the next event's savepoint taken."""
+        self._armed = again
         if not self._used:
-            # Nothing since the savepoint: it serves the next event as it is, or, after the
-            # last, stays open until the commit (nothing rolls back to it then).
+            # Nothing since the savepoint (or none taken): it serves the next event as it
+            # is, or, after the last, stays open until the commit (nothing rolls back to it).
             return
         if again:
             self._run(f"RELEASE SAVEPOINT {self.NAME}", f"SAVEPOINT {self.NAME}")
         else:
             self._run(f"RELEASE SAVEPOINT {self.NAME}")
+            self._open = False
         self._used = False
 
     def rollback(self, *, again: bool) -> None:
         """The event's changes undone; `again`: the savepoint kept for the next event."""
+        self._armed = again
         if not self._used:
             return
         if again:
             self._run(f"ROLLBACK TO SAVEPOINT {self.NAME}")
         else:
             self._run(f"ROLLBACK TO SAVEPOINT {self.NAME}", f"RELEASE SAVEPOINT {self.NAME}")
+            self._open = False
         self._used = False
+
+    def outside(self, write: Callable[[], None]) -> None:
+        """Run `write` (what runs held back for the events before the next) so that the next
+        event's failure cannot take it: with no savepoint taken for it, and an open one
+        moved past it."""
+        armed, self._armed = self._armed, False
+        try:
+            write()
+        finally:
+            self._armed = armed
+        if self._used:
+            self._run(f"RELEASE SAVEPOINT {self.NAME}", f"SAVEPOINT {self.NAME}")
+            self._used = False
 
 
 def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -> list[Reply]:
@@ -1244,10 +1272,9 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
 
 
 def _flush_runs(conn: Connection, cache: BatchCache, savepoint: _Savepoint) -> None:
-    """Write what the runs held back before the next event, then move its savepoint past
-    those writes: an event that fails must not take earlier events' lines with it."""
-    cache.flush_runs(conn)
-    savepoint.release(again=True)
+    """Write what the runs held back before the next event, outside its savepoint: an event
+    that fails must not take earlier events' lines with it."""
+    savepoint.outside(lambda: cache.flush_runs(conn))
 
 
 def _apply_item(

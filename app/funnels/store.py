@@ -88,12 +88,12 @@ def _open_versions_query() -> Any:
     )
 
 
-_OPEN_VERSIONS = _open_versions_query()
+_OPEN_VERSIONS = Prepared(_open_versions_query())  # read by every batch
 
 
 def open_versions(conn: Connection, tenant_id: int) -> list[VersionRef]:
     """The newest version of each of the tenant's funnels that still takes entries."""
-    return [VersionRef(*row) for row in conn.execute(_OPEN_VERSIONS, {"b_tenant": tenant_id})]
+    return [VersionRef(*row) for row in _OPEN_VERSIONS.rows(conn, {"b_tenant": tenant_id})]
 
 
 _VERSION_BY_ID = (

@@ -67,13 +67,15 @@ DEFAULT_ZONE = ZoneInfo("Asia/Shanghai")
 
 
 # ── groups and membership ─────────────────────────────────────────────────────────────────
-_GROUP = select(group_t).where(
-    group_t.c.tenant_id == bindparam("b_tenant"), group_t.c.group_id == bindparam("b_group")
+_GROUP = Prepared(
+    select(group_t).where(
+        group_t.c.tenant_id == bindparam("b_tenant"), group_t.c.group_id == bindparam("b_group")
+    )
 )
 
 
 def group(conn: Connection, tenant_id: int, group_id: str) -> Any | None:
-    return conn.execute(_GROUP, {"b_tenant": tenant_id, "b_group": group_id}).first()
+    return _GROUP.record(conn, {"b_tenant": tenant_id, "b_group": group_id})
 
 
 def _group_and_settings(
