@@ -100,6 +100,10 @@ WATCHERS = (
     checkin.observe,
     cards.observe,
 )  # an emitted event's funnels may emit more (a voucher issued), this deep
+# What watchers read of rows only other transactions change (a chat group's settings), for
+# the batch's items, before its first event: read by an event, it took the batch's first
+# savepoint, which a batch whose events write nothing of their own (messages) now skips.
+PRELOADS = (community.preload,)
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,10 @@ class BatchCache:
         }
         if stepping:
             self._instances = store.instances_of_members(conn, stepping)
+        # Every event that steps funnels reads its tenant's open versions: once, here,
+        # before the batch's first savepoint (see PRELOADS).
+        for tenant_id in sorted({i.tenant_id for i in items if i.type not in RUN_COMMANDS}):
+            self.open_versions(conn, tenant_id)
 
     def claim(self, conn: Connection, items: Sequence[Inbound], now: datetime) -> None:
         """Claim the batch's event rows with one statement (`INSERT … ON CONFLICT DO
@@ -1255,6 +1263,8 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
         lending_runs(conn, cache.lend),
     ):
         cache.prefetch(conn, items)
+        for preload in PRELOADS:
+            preload(conn, items)
         cache.claim(conn, items, now)
         savepoint = _Savepoint(conn)
         if items:

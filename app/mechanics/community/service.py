@@ -203,11 +203,7 @@ def observe(
     if event_type == "member.left":
         left(conn, tenant_id, group_id, m.id)
         return None
-    # Groups change only through the admin API, in transactions of their own: one read per
-    # batch, with the settings validated once.
-    row, settings = once_per_transaction(
-        conn, ("group", tenant_id, group_id), lambda: _group_and_settings(conn, tenant_id, group_id)
-    )
+    row, settings = _group_once(conn, tenant_id, group_id)
     effects = Effects(m.id, {})
     if event_type == "member.joined":
         if joined(conn, tenant_id, group_id, m.id, now):
@@ -215,6 +211,28 @@ def observe(
     else:
         _message(conn, tenant_id, group_id, row, settings, m, data, event_id, now, effects)
     return effects if effects.emits or effects.actions else None
+
+
+def _group_once(
+    conn: Connection, tenant_id: int, group_id: str
+) -> tuple[Any | None, GroupSettings | None]:
+    """Groups change only through the admin API, in transactions of their own: one read per
+    transaction, with the settings validated once."""
+    return once_per_transaction(
+        conn, ("group", tenant_id, group_id), lambda: _group_and_settings(conn, tenant_id, group_id)
+    )
+
+
+def preload(conn: Connection, items: Sequence[Any]) -> None:
+    """The chat groups a batch's bot events name, read before its first event (the
+    dispatcher's PRELOADS): one statement each, as `observe` would read them."""
+    wanted = {
+        (i.tenant_id, str(i.data["group_id"]))
+        for i in items
+        if i.type in ("member.joined", "message.posted") and i.data.get("group_id")
+    }
+    for tenant_id, group_id in sorted(wanted):
+        _group_once(conn, tenant_id, group_id)
 
 
 def _welcome(
