@@ -126,6 +126,36 @@ def test_an_event_that_fails_leaves_its_key_free(engine):
         assert sorted(keys.scalars()) == ["bad-1", "f-0", "f-1"]
 
 
+def test_only_an_event_that_can_be_repeated_keeps_its_response(engine):
+    """An event with an idempotency key keeps its response's bytes for a repeat; one
+    without cannot be repeated, so its row (claimed with status 200) is not written again,
+    unless the event made its member; one that fails leaves no row."""
+    tenant_id = tenant_with_funnel(engine, "welcome", welcome(), T0)
+    (joined,) = _events(tenant_id, "member.joined", range(1), "k")
+    (posted,) = _events(tenant_id, "message.posted", range(1), "p")
+    (newcomer,) = _events(tenant_id, "message.posted", range(1, 2), "n")
+    keyless = [replace(e, key=None, digest=None) for e in (posted, newcomer)]
+    bad = replace(keyless[0], type="no.such.event")
+    assert apply_batch(engine, [joined], T0)[0].ok
+    replies = apply_batch(engine, [*keyless, bad], T0)
+    assert [r.status for r in replies] == [200, 200, 422]
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(EventLog.dedupe_key, EventLog.member_id, EventLog.status_code, EventLog.response)  # type: ignore[call-overload]
+            .where(EventLog.tenant_id == tenant_id, EventLog.source == "bot")
+            .order_by(EventLog.id)
+        ).all()
+    members = [r.body["member"]["id"] for r in replies[:2]]
+    assert [(r.dedupe_key, r.member_id, r.status_code) for r in rows] == [
+        ("k-0", members[0], 200),
+        (None, members[0], 200),
+        (None, members[1], 200),
+    ]  # and none for the event that failed: its claim was given back
+    assert rows[0].response is not None  # the key's: a repeat is answered from it
+    assert rows[1].response is None
+    assert rows[2].response == replies[1].raw.decode()  # the row learnt its member, too
+
+
 # ── group commit is invisible ─────────────────────────────────────────────────────────────
 MEMBERS = [f"wx-{i}" for i in range(6)]
 OPS = st.lists(

@@ -192,6 +192,7 @@ class BatchCache:
         # repeat: answered from the stored response). `position` is the item in progress.
         self.position: int | None = None
         self._claims: dict[int, int | None] = {}
+        self._claimed_member: dict[int, int | None] = {}  # the member id each claim stored
         self._unclaim: list[int] = []  # claims of events that failed, deleted at the end
 
     def open_versions(self, conn: Connection, tenant_id: int) -> list[store.VersionRef]:
@@ -269,8 +270,9 @@ class BatchCache:
             made = {i for (i,) in _CLAIMED.rows(conn, {"b_ids": ids})}
         else:
             made = set(ids)  # rows without a key never conflict
-        for event_id, (n, _) in zip(ids, todo, strict=True):
+        for event_id, (n, _), row in zip(ids, todo, rows, strict=True):
             self._claims[n] = event_id if event_id in made else None
+            self._claimed_member[n] = row["member_id"]
 
     def claimed(self) -> tuple[bool, int | None]:
         """(claimed for the batch, its event id or None for a repeat) of the item in
@@ -378,7 +380,14 @@ class BatchCache:
         self._touched, self._loaded = {}, set()
 
     def respond(self, event_id: int, member_id: int | None, raw: str, item: Inbound) -> None:
-        """The event's response, for its row once the event has ended well."""
+        """The event's response, for its row once the event has ended well. Only an event
+        with an idempotency key can be sent again and answered from its row: one without
+        keeps none (its row, claimed with status 200, is deleted if the event fails), and
+        its row is not written again unless the event found its member only now."""
+        n = self.position
+        if item.key is None and n in self._claims and self._claimed_member.get(n) == member_id:
+            self._response = None
+            return
         row = {"b_id": event_id, "b_member": member_id, "b_status": 200, "b_response": raw}
         self._response = (row, item)
 
@@ -461,6 +470,7 @@ _CLAIMED_ROW = (
     "occurred_at",
     "received_at",
     "data",
+    "status_code",
 )
 _CLAIM_ROWS = Many(
     _CLAIMED_ROW,
@@ -586,6 +596,8 @@ def _event_row(item: Inbound, now: datetime, cache: BatchCache) -> dict[str, Any
         "occurred_at": item.occurred_at or now,
         "received_at": now,
         "data": item.data,
+        # stored as answered: the row of an event that fails is deleted (see `respond`)
+        "status_code": 200 if item.key is None else None,
     }
 
 

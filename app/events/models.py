@@ -56,5 +56,6 @@ class EventLog(SQLModel, table=True):
     data: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
     status_code: int | None = None
     # The first response's exact bytes (text, not JSONB, which would reorder the keys): a
-    # repeated delivery gets the identical body.
+    # repeated delivery gets the identical body. Kept for events with an idempotency key,
+    # the only ones that can be repeated; one without has status 200 and no response.
     response: str | None = Field(default=None, sa_type=Text)
