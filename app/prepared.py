@@ -245,21 +245,18 @@ class Many:
     that was a third of the writer's CPU in the webhook bench. `postgresql` is the statement
     over the rows as one JSON parameter (`app.db.unnested`, `insert_rows`), made by orjson
     in C; on SQLite, whose driver loops in C in the same process, `sqlite` (one row's
-    statement) runs as executemany. Rows are mappings with the same keys, `names` among
-    them. Their datetimes must be aware (UTC), as the columns' own binding insists: JSON
-    carries the offset, and SQLite's path checks."""
+    statement) runs as executemany. Rows are mappings with the same keys (the columns the
+    PostgreSQL statement reads among them). Their datetimes must be aware (UTC), as the
+    columns' own binding insists: JSON carries the offset, and SQLite's path checks."""
 
-    def __init__(
-        self, names: Sequence[str], postgresql: ClauseElement, sqlite: ClauseElement
-    ) -> None:
-        self.names = tuple(names)
+    def __init__(self, postgresql: ClauseElement, sqlite: ClauseElement) -> None:
         self._postgresql, self._sqlite = Prepared(postgresql), Prepared(sqlite)
 
     def run(self, conn: Connection, rows: Sequence[Params]) -> None:
         if not rows:
             return
         if conn.dialect.name == "postgresql":
-            self._postgresql.run(conn, {ROWS: orjson.dumps(rows).decode()})
+            self._postgresql.run(conn, _as_one(rows))
         else:
             self._sqlite.run_many(conn, rows)
 
@@ -269,4 +266,9 @@ class Many:
         if conn.dialect.name != "postgresql" or not rows:
             self.run(conn, rows)
             return None if rows else []
-        return self._postgresql.rows(conn, {ROWS: orjson.dumps(rows).decode()})
+        return self._postgresql.rows(conn, _as_one(rows))
+
+
+def _as_one(rows: Sequence[Params]) -> Params:
+    """`Many`'s rows as the one parameter PostgreSQL's statement reads."""
+    return {ROWS: orjson.dumps(rows).decode()}

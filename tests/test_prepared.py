@@ -184,7 +184,7 @@ def test_many_rows_store_what_connection_execute_stores(engine):
 
     tenant_id, _ = new_tenant(engine)
     at = datetime(2026, 11, 23, 20, 15, 30, 123456, tzinfo=BEIJING)
-    many = Many(_ROW, insert_rows(event_t, _ROW), insert(event_t))
+    many = Many(insert_rows(event_t, _ROW), insert(event_t))
     rows = [
         {**_event(tenant_id, f"many-{i}", at + timedelta(seconds=i)), "digest": None}
         for i in range(3)
@@ -220,7 +220,7 @@ def test_many_rows_refuse_a_value_too_long_for_its_column_on_postgresql(postgres
     try:
         with engine.begin() as conn:
             tenant_id = conn.execute(select(event_t.c.tenant_id).limit(1)).scalar()
-        many = Many(_ROW, insert_rows(event_t, _ROW), insert(event_t))
+        many = Many(insert_rows(event_t, _ROW), insert(event_t))
         row = _event(tenant_id or 0, "k" * 201, datetime(2026, 11, 23, tzinfo=UTC))
         with pytest.raises(DBAPIError, match="too long"), engine.begin() as conn:
             many.run(conn, [row])

@@ -456,9 +456,9 @@ class BatchCache:
 
 # Statements built once (see app.funnels.store); ON CONFLICT needs the dialect's insert.
 # The writes every event makes run as Prepared statements (app/prepared.py).
-_CLAIM_KEY = Prepared(insert_or_skip(event_t, ["tenant_id", "source", "dedupe_key"], event_t.c.id))
-_INSERT_EVENT = Prepared(insert(event_t).returning(event_t.c.id))
 _EVENT_KEY = ["tenant_id", "source", "dedupe_key"]
+_CLAIM_KEY = Prepared(insert_or_skip(event_t, _EVENT_KEY, event_t.c.id))
+_INSERT_EVENT = Prepared(insert(event_t).returning(event_t.c.id))
 _CLAIMED_ROW = (
     "id",
     "tenant_id",
@@ -473,7 +473,6 @@ _CLAIMED_ROW = (
     "status_code",
 )
 _CLAIM_ROWS = Many(
-    _CLAIMED_ROW,
     insert_rows(event_t, _CLAIMED_ROW)
     .on_conflict_do_nothing(index_elements=_EVENT_KEY)
     .returning(event_t.c.id),
@@ -524,7 +523,6 @@ def _respond(by: Any) -> Any:
 
 
 _RESPOND = Many(
-    list(_RESPONSE),
     _respond(unnested(_RESPONSE).c),
     _respond({name: bindparam(name) for name in _RESPONSE}),
 )

@@ -366,9 +366,8 @@ def _activity_in_one() -> Any:
 _TOUCH = Prepared(_touch(sqlite))
 _BUMP_DAY = Prepared(insert_or_add(day_t, _DAY_KEY, _DAY_COUNTS)["sqlite"])
 _ACTIVITY = Prepared(_activity_in_one())
-_TOUCH_ROWS = Many(_TOUCHED, _touch(postgresql, rows=True), _touch(sqlite))
+_TOUCH_ROWS = Many(_touch(postgresql, rows=True), _touch(sqlite))
 _DAY_ROWS = Many(
-    [*_DAY_KEY, *_DAY_COUNTS],
     add_rows(day_t, _DAY_KEY, _DAY_COUNTS),
     insert_or_add(day_t, _DAY_KEY, _DAY_COUNTS)["sqlite"],
 )
@@ -385,7 +384,7 @@ class _Activity:
     on PostgreSQL, and with it the round trip of the message's savepoint: about two fifths of
     the database server's time in the webhook bench, for rows nothing else in the batch
     reads. The run adds them up per member and per day and writes them at `flush`, one
-    executemany per table in key order (one lock order for concurrent batches).
+    statement per table (`Many`) in key order (one lock order for concurrent batches).
 
     Open across `message.posted` events only: the dispatcher flushes it before any other
     event. Within a message's event, whatever reads or writes these rows (`membership`,

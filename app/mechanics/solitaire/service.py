@@ -209,7 +209,7 @@ _LINE = (
     "created_at",
     "updated_at",
 )
-_NEW_LINES = Many(_LINE, insert_rows(line_t, _LINE), line_t.insert())
+_NEW_LINES = Many(insert_rows(line_t, _LINE), line_t.insert())
 
 
 # A batch's appends to one list (`_Appends`): its appenders' live lines, read together, and
