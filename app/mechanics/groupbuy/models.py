@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, Index, UniqueConstraint
+from sqlalchemy import Column, Index, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from app.db_types import BigId, UTCDateTime
@@ -53,7 +53,16 @@ class Seat(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("team_id", "member_id"),
         UniqueConstraint("tenant_id", "member_id", "live_key"),
-        Index("ix_groupbuy_seat_hold", "status", "hold_until"),
+        # The sweep's: seats waiting for their payment, by when the wait ends. Partial, so
+        # that it holds only those: on (status, hold_until) SQLite, without statistics,
+        # read a team's active seats through it (every active seat of every team, at each
+        # team's success), and every seat paid its entry.
+        Index(
+            "ix_groupbuy_seat_hold",
+            "hold_until",
+            sqlite_where=text("status = 'held'"),
+            postgresql_where=text("status = 'held'"),
+        ),
         Index("ix_groupbuy_seat_member", "tenant_id", "member_id", "campaign_key"),
         {"sqlite_autoincrement": True},
     )
