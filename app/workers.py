@@ -21,7 +21,7 @@ from app.clock import Clock
 from app.config import Settings
 from app.db import read_connection
 from app.events.dispatch import Reply
-from app.events.models import EventLog
+from app.events.models import EventLog, EventResponse
 from app.funnels import entries
 from app.mechanics.sweeps import SWEEPS, sweep_due
 from app.observability import Metrics, gauge
@@ -31,6 +31,7 @@ from app.timers.worker import fire_due, timer_t
 
 log = logging.getLogger("flywheel.workers")
 event_t = EventLog.__table__  # type: ignore[attr-defined]
+response_t = EventResponse.__table__  # type: ignore[attr-defined]
 PRUNE_EVERY = timedelta(hours=1)
 PRUNE_CHUNK = 5000
 
@@ -103,21 +104,29 @@ class Workers:
         out = {"keys": 0, "events": 0, "deliveries": 0}
         with self.engine.begin() as conn:
             while True:  # in chunks, so no transaction holds the writer for long
-                ids = (
-                    select(event_t.c.id)
-                    .where(event_t.c.received_at < keys_before, event_t.c.dedupe_key.is_not(None))
-                    .limit(PRUNE_CHUNK)
+                ids = list(
+                    conn.execute(
+                        select(event_t.c.id)
+                        .where(
+                            event_t.c.received_at < keys_before, event_t.c.dedupe_key.is_not(None)
+                        )
+                        .limit(PRUNE_CHUNK)
+                    ).scalars()
                 )
-                n = conn.execute(
-                    update(event_t)
-                    .where(event_t.c.id.in_(ids.scalar_subquery()))
-                    .values(dedupe_key=None, digest=None, response=None)
-                ).rowcount
-                out["keys"] += n
-                if n < PRUNE_CHUNK:
+                if ids:
+                    conn.execute(delete(response_t).where(response_t.c.event_id.in_(ids)))
+                    conn.execute(
+                        update(event_t)
+                        .where(event_t.c.id.in_(ids))
+                        .values(dedupe_key=None, digest=None)
+                    )
+                out["keys"] += len(ids)
+                if len(ids) < PRUNE_CHUNK:
                     break
             if self.settings.event_retention_days:
                 before = now - timedelta(days=self.settings.event_retention_days)
+                old = select(event_t.c.id).where(event_t.c.received_at < before)
+                conn.execute(delete(response_t).where(response_t.c.event_id.in_(old)))
                 out["events"] = conn.execute(
                     delete(event_t).where(event_t.c.received_at < before)
                 ).rowcount

@@ -321,6 +321,9 @@ def snapshot(engine: Any, tenant_id: int) -> dict[str, list[Any]]:
     mine["solitaire_stock"] = t["solitaire_stock"].c.list_id.in_(
         select(lists.c.id).where(lists.c.tenant_id == tenant_id)
     )
+    mine["event_response"] = t["event_response"].c.event_id.in_(
+        select(t["event"].c.id).where(t["event"].c.tenant_id == tenant_id)
+    )
     assert set(mine) == set(t), f"say how these tables belong to a tenant: {set(t) - set(mine)}"
     with engine.connect() as conn:
         return {

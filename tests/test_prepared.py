@@ -67,7 +67,7 @@ def test_updates_selects_and_many_rows(engine):
     respond = Prepared(
         event_t.update()
         .where(event_t.c.id == bindparam("b_id"))
-        .values(status_code=200, response=bindparam("b_response"))
+        .values(status_code=200, digest=bindparam("b_digest"))
     )
     keys = Prepared(
         select(event_t.c.dedupe_key, event_t.c.status_code)
@@ -77,8 +77,8 @@ def test_updates_selects_and_many_rows(engine):
     with engine.begin() as conn:
         Prepared(insert(event_t)).run_many(conn, [_event(tenant_id, k, at) for k in "abc"])
         first = conn.execute(select(event_t.c.id).where(event_t.c.dedupe_key == "a")).scalar()
-        assert respond.run(conn, {"b_id": first, "b_response": "{}"}) == 1
-        assert respond.run(conn, {"b_id": -1, "b_response": "{}"}) == 0
+        assert respond.run(conn, {"b_id": first, "b_digest": "d"}) == 1
+        assert respond.run(conn, {"b_id": -1, "b_digest": "d"}) == 0
         assert keys.rows(conn, {"b_tenant": tenant_id}) == [("a", 200), ("b", None), ("c", None)]
         Prepared(insert(event_t)).run_many(conn, [])  # nothing to write: no statement
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from app.events.models import EventLog
+from app.events.models import EventLog, EventResponse
 from app.observability import JsonFormatter, request_id
 from tests.conftest import Client, Source, app_for, event, new_tenant
 from tests.factories import welcome
@@ -77,12 +77,22 @@ def test_pruning_forgets_idempotency_keys_after_the_retention(client, engine, cl
     assert workers.prune()["keys"] == 0
     clock.advance(timedelta(hours=2))
     assert workers.prune() == {"keys": 1, "events": 0, "deliveries": 0}
-    with engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(EventLog)).scalar_one() == 1
+
+    def rows() -> tuple[int, int]:
+        with engine.connect() as conn:
+            count = select(func.count())
+            return (
+                conn.execute(count.select_from(EventLog)).scalar_one(),
+                conn.execute(count.select_from(EventResponse)).scalar_one(),
+            )
+
+    assert rows() == (1, 0)  # the event stays; its key and response are forgotten
     again = source.send(event("member.joined", "wx-1"), msg_id="msg_1")  # a new event now
     assert again.status_code == 200 and again.json()["event_id"] != first.json()["event_id"]
+    assert rows() == (2, 1)
     clock.advance(timedelta(days=91))
     assert workers.prune()["events"] == 2
+    assert rows() == (0, 0)  # the response went with its event
 
 
 def test_json_logs_carry_the_request_id_and_no_bodies():

@@ -16,10 +16,10 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, text
 
 from app.events.dispatch import Inbound, apply_batch
-from app.events.models import EventLog
+from app.events.models import EventLog, EventResponse
 from app.funnels.models import FunnelInstance, StageHistory
 from bench.scenarios import funnel as bench_funnel
 from tests.conftest import T0, tenant_with_funnel
@@ -81,7 +81,8 @@ def test_a_batch_reads_its_members_and_their_instances_once(engine):
     seen = _messages_after(engine, tenant_id, 10)
     assert seen["SELECT member"] == 1, seen
     assert seen["SELECT funnel_instance"] == 1, seen
-    assert seen["UPDATE event"] == 1, seen  # the responses, one statement for the batch
+    assert seen["INSERT event_response"] == 1, seen  # the responses: one for the batch
+    assert seen["UPDATE event"] == 0, seen  # every row was claimed with its member
     per_event = sum(seen.values()) / 10
     assert per_event <= 12, seen  # claim, two activity rows, instance, stage rows, outbox…
 
@@ -128,20 +129,22 @@ def test_an_event_that_fails_leaves_its_key_free(engine):
 
 def test_only_an_event_that_can_be_repeated_keeps_its_response(engine):
     """An event with an idempotency key keeps its response's bytes for a repeat; one
-    without cannot be repeated, so its row (claimed with status 200) is not written again,
-    unless the event made its member; one that fails leaves no row."""
+    without cannot be repeated, so it keeps none, and its row (claimed with status 200) is
+    not written again unless the event made its member; one that fails leaves no row."""
     tenant_id = tenant_with_funnel(engine, "welcome", welcome(), T0)
     (joined,) = _events(tenant_id, "member.joined", range(1), "k")
     (posted,) = _events(tenant_id, "message.posted", range(1), "p")
     (newcomer,) = _events(tenant_id, "message.posted", range(1, 2), "n")
     keyless = [replace(e, key=None, digest=None) for e in (posted, newcomer)]
     bad = replace(keyless[0], type="no.such.event")
-    assert apply_batch(engine, [joined], T0)[0].ok
+    first = apply_batch(engine, [joined], T0)[0]
     replies = apply_batch(engine, [*keyless, bad], T0)
     assert [r.status for r in replies] == [200, 200, 422]
     with engine.connect() as conn:
+        columns = (EventLog.dedupe_key, EventLog.member_id, EventLog.status_code)
         rows = conn.execute(
-            select(EventLog.dedupe_key, EventLog.member_id, EventLog.status_code, EventLog.response)  # type: ignore[call-overload]
+            select(*columns, EventResponse.response)  # type: ignore[call-overload]
+            .outerjoin(EventResponse, EventResponse.event_id == EventLog.id)
             .where(EventLog.tenant_id == tenant_id, EventLog.source == "bot")
             .order_by(EventLog.id)
         ).all()
@@ -149,11 +152,29 @@ def test_only_an_event_that_can_be_repeated_keeps_its_response(engine):
     assert [(r.dedupe_key, r.member_id, r.status_code) for r in rows] == [
         ("k-0", members[0], 200),
         (None, members[0], 200),
-        (None, members[1], 200),
+        (None, members[1], 200),  # the row learnt the member the event made
     ]  # and none for the event that failed: its claim was given back
-    assert rows[0].response is not None  # the key's: a repeat is answered from it
-    assert rows[1].response is None
-    assert rows[2].response == replies[1].raw.decode()  # the row learnt its member, too
+    assert rows[0].response == first.raw.decode()  # the key's: a repeat is answered from it
+    assert rows[1].response is None and rows[2].response is None
+
+
+def test_the_migration_moves_stored_responses_to_their_table(engine):
+    """Responses stored on event rows before `event_response` existed answer repeats after
+    the upgrade, and go back to the rows on a downgrade."""
+    from alembic import command
+    from app.migrations import alembic_config
+
+    tenant_id = tenant_with_funnel(engine, "welcome", welcome(), T0)
+    (joined,) = _events(tenant_id, "member.joined", range(1), "m")
+    first = apply_batch(engine, [joined], T0)[0]
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    command.downgrade(config, "02d088a72112")  # the revision before the table
+    with engine.connect() as conn:
+        kept = conn.execute(text("SELECT response FROM event WHERE dedupe_key = 'm-0'"))
+        assert kept.scalar_one() == first.raw.decode()
+    command.upgrade(config, "head")
+    again = apply_batch(engine, [joined], T0)[0]
+    assert again.replayed and again.raw == first.raw
 
 
 # ── group commit is invisible ─────────────────────────────────────────────────────────────

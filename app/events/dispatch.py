@@ -33,7 +33,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 from sqlalchemy import (
@@ -59,7 +59,7 @@ from app.engine.schedule import parse_duration
 from app.engine.state import Event, PlannedAction
 from app.errors import Conflict, DomainError, NotFound
 from app.events.ingest import unknown_type
-from app.events.models import EventLog
+from app.events.models import EventLog, EventResponse
 from app.funnels import store
 from app.mechanics.commands import (
     Context,
@@ -86,6 +86,7 @@ from app.timers.models import Timer
 log = logging.getLogger("flywheel.dispatch")
 
 event_t: Table = EventLog.__table__  # type: ignore[attr-defined]
+response_t: Table = EventResponse.__table__  # type: ignore[attr-defined]
 member_t: Table = Member.__table__  # type: ignore[attr-defined]
 timer_t: Table = Timer.__table__  # type: ignore[attr-defined]
 TIMER_SOURCE = "timer"
@@ -144,6 +145,14 @@ class Reply:
 Deferred = Callable[[Connection], int]  # work after the events; returns actions queued
 
 
+class _Response(NamedTuple):
+    """What an applied event leaves for its rows (see `BatchCache.respond`)."""
+
+    response: dict[str, Any] | None  # an EventResponse row
+    member: dict[str, Any] | None  # the member found only now, for the event's row
+    item: Inbound
+
+
 class BatchCache:
     """What one transaction may reuse between its events.
 
@@ -173,11 +182,13 @@ class BatchCache:
         # well, so an event rolled back to its savepoint leaves nothing behind.
         self._deferred: dict[Hashable, Deferred] = {}
         self._staged: dict[Hashable, Deferred] = {}
-        # Each applied event's response, stored on its row by one statement for the batch
-        # (`run_deferred`); by idempotency key too, for a repeat later in the same batch.
+        # What applied events leave for their rows, written by one statement each for the
+        # batch (`run_deferred`): keyed events' responses (also by key, for a repeat later
+        # in the same batch), and the member of events that made theirs.
         self._responses: list[dict[str, Any]] = []
+        self._members_found: list[dict[str, Any]] = []
         self._answered: dict[tuple[int, str, str], tuple[str | None, str]] = {}
-        self._response: tuple[dict[str, Any], Inbound] | None = None
+        self._response: _Response | None = None
         # Runs (app.mechanics.commands.Run): commands on one contended row applied in
         # memory, their writes held back until `flush_runs`. `_touched`: the runs the event
         # in progress used (marked), `_loaded`: those it loaded.
@@ -281,10 +292,13 @@ class BatchCache:
             return False, None
         return True, self._claims[self.position]
 
+    def claimed_member(self) -> int | None:
+        """The member id the batch's claim stored on the row of the item in progress."""
+        return self._claimed_member.get(self.position) if self.position is not None else None
+
     def known_member(self, item: Inbound) -> int | None:
         """The id of the item's member if the batch prefetched (and locked) it: stored on
-        the event row from its first write, the row's later update changes no indexed
-        column, which PostgreSQL then makes in place (a HOT update, no index entries)."""
+        the event row from its first write, so that the row is not written again."""
         if item.member is not None:
             return self._by_ref.get((item.tenant_id, str(item.member["id"])))
         if item.member_id is not None and item.member_id in self._members:
@@ -379,17 +393,18 @@ class BatchCache:
                 run.undo()
         self._touched, self._loaded = {}, set()
 
-    def respond(self, event_id: int, member_id: int | None, raw: str, item: Inbound) -> None:
-        """The event's response, for its row once the event has ended well. Only an event
-        with an idempotency key can be sent again and answered from its row: one without
-        keeps none (its row, claimed with status 200, is deleted if the event fails), and
-        its row is not written again unless the event found its member only now."""
-        n = self.position
-        if item.key is None and n in self._claims and self._claimed_member.get(n) == member_id:
-            self._response = None
-            return
-        row = {"b_id": event_id, "b_member": member_id, "b_status": 200, "b_response": raw}
-        self._response = (row, item)
+    def respond(
+        self, event_id: int, member_id: int | None, stored: int | None, raw: str, item: Inbound
+    ) -> None:
+        """The event's response, for its rows once the event has ended well: stored
+        (`EventResponse`) for an event with an idempotency key, the only kind that can be
+        sent again; and its member on its row, if the event found them only now (`stored`:
+        the member id its row was claimed with)."""
+        self._response = _Response(
+            {"event_id": event_id, "response": raw} if item.key is not None else None,
+            {"b_id": event_id, "b_member": member_id} if member_id != stored else None,
+            item,
+        )
 
     def answered(self, item: Inbound) -> tuple[str | None, str] | None:
         """(digest, response) of an event with the item's key applied earlier in this
@@ -412,12 +427,14 @@ class BatchCache:
         self._instances.update(self._written)
         self._written = {}
         if self._response is not None:
-            row, item = self._response
-            self._responses.append(row)
-            if item.key is not None:
+            response, member, item = self._response
+            if member is not None:
+                self._members_found.append(member)
+            if response is not None and item.key is not None:
+                self._responses.append(response)
                 self._answered[(item.tenant_id, item.source, item.key)] = (
                     item.digest,
-                    row["b_response"],
+                    response["response"],
                 )
             self._response = None
 
@@ -430,9 +447,11 @@ class BatchCache:
         _UNCLAIM.run_many(conn, [{"b_id": i} for i in self._unclaim])
         self._unclaim = []
         responses, self._responses, self._answered = self._responses, [], {}
-        # One statement for the batch (an update each took 58 µs of the writer's CPU and 109
-        # µs of its time on PostgreSQL; as an executemany 26 and 36 per event).
-        _RESPOND.run(conn, responses)
+        members, self._members_found = self._members_found, []
+        # One statement each for the batch (an update each took 58 µs of the writer's CPU
+        # and 109 µs of its time on PostgreSQL; as an executemany 26 and 36 per event).
+        _STORE_RESPONSES.run(conn, responses)
+        _SET_MEMBER.run(conn, members)
         n, work, self._deferred = 0, list(self._deferred.values()), {}
         for run in work:
             savepoint = conn.begin_nested()
@@ -505,31 +524,27 @@ def _allocate_event_ids(conn: Connection, n: int) -> list[int]:
     return list(range(last + 1, last + n + 1))
 
 
-_RESPONSE = {
-    "b_id": event_t.c.id,
-    "b_member": event_t.c.member_id,
-    "b_status": event_t.c.status_code,
-    "b_response": event_t.c.response,
-}
+_FOUND = {"b_id": event_t.c.id, "b_member": event_t.c.member_id}
 
 
-def _respond(by: Any) -> Any:
-    """Store events' responses; `by`: where the parameters come from (binds, or rows)."""
-    return (
-        update(event_t)
-        .where(event_t.c.id == by["b_id"])
-        .values(member_id=by["b_member"], status_code=by["b_status"], response=by["b_response"])
-    )
+def _set_member(by: Any) -> Any:
+    """Store the member of events that made theirs; `by`: the parameters (binds, or rows)."""
+    return update(event_t).where(event_t.c.id == by["b_id"]).values(member_id=by["b_member"])
 
 
-_RESPOND = Many(
-    _respond(unnested(_RESPONSE).c),
-    _respond({name: bindparam(name) for name in _RESPONSE}),
+_SET_MEMBER = Many(
+    _set_member(unnested(_FOUND).c),
+    _set_member({name: bindparam(name) for name in _FOUND}),
 )
-_PRIOR = select(event_t.c.digest, event_t.c.status_code, event_t.c.response).where(
-    event_t.c.tenant_id == bindparam("b_tenant"),
-    event_t.c.source == bindparam("b_source"),
-    event_t.c.dedupe_key == bindparam("b_key"),
+_STORE_RESPONSES = Many(insert_rows(response_t, ("event_id", "response")), insert(response_t))
+_PRIOR = (
+    select(event_t.c.digest, event_t.c.status_code, response_t.c.response)
+    .select_from(event_t.outerjoin(response_t, response_t.c.event_id == event_t.c.id))
+    .where(
+        event_t.c.tenant_id == bindparam("b_tenant"),
+        event_t.c.source == bindparam("b_source"),
+        event_t.c.dedupe_key == bindparam("b_key"),
+    )
 )
 _MEMBER_BY_EXTERNAL = Prepared(
     select(member_t)
@@ -594,8 +609,8 @@ def _event_row(item: Inbound, now: datetime, cache: BatchCache) -> dict[str, Any
         "occurred_at": item.occurred_at or now,
         "received_at": now,
         "data": item.data,
-        # stored as answered: the row of an event that fails is deleted (see `respond`)
-        "status_code": 200 if item.key is None else None,
+        # stored as answered: the row of an event that fails is deleted (`event_failed`)
+        "status_code": 200,
     }
 
 
@@ -604,13 +619,13 @@ def _apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache
     if pre:  # the batch claimed it
         if claimed is None:
             return _replay(conn, item, cache)
-        event_id = claimed
-    elif item.key is not None:
-        event_id = _CLAIM_KEY.scalar(conn, _event_row(item, now, cache))
+        event_id, stored = claimed, cache.claimed_member()
+    else:
+        row = _event_row(item, now, cache)
+        event_id = (_CLAIM_KEY if item.key is not None else _INSERT_EVENT).scalar(conn, row)
         if event_id is None:
             return _replay(conn, item, cache)
-    else:
-        event_id = _INSERT_EVENT.scalar(conn, _event_row(item, now, cache))
+        stored = row["member_id"]
 
     handler = command_for(item.type, item.data) if item.timer_id is None else None
     if item.timer_id is not None:
@@ -621,7 +636,7 @@ def _apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache
         body, n_actions = _step_funnels(conn, item, event_id, now, cache)
     raw = orjson.dumps(body)
     member_id = body["member"]["id"] if body["member"] else None
-    cache.respond(event_id, member_id, raw.decode(), item)
+    cache.respond(event_id, member_id, stored, raw.decode(), item)
     return Reply(200, body, actions=n_actions, raw=raw)
 
 
