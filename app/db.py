@@ -3,8 +3,9 @@
 SQLite (the embedded default) gets WAL, foreign keys, a busy timeout and `BEGIN IMMEDIATE`
 for every transaction: with Python's default deferred BEGIN, two read-then-write
 transactions race and one fails with "database is locked" despite the busy timeout (see
-ARCHITECTURE.md). PostgreSQL gets a connection pool with pre-ping, so a restarted server
-is reconnected to without restarting the service.
+ARCHITECTURE.md). PostgreSQL gets a connection pool that pings a connection idle for a
+second or more before handing it out, so a restarted server is reconnected to without
+restarting the service.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date
@@ -39,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session, SQLModel
 
 from app.turn import turn_for
@@ -187,16 +190,50 @@ def make_engine(
         )
         _configure_sqlite(engine, busy_timeout_ms, None if in_memory(url) else parsed.database)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         echo=echo,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
         pool_recycle=1800,
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
     )
+    _ping_when_idle(engine, PING_AFTER_IDLE_S)
+    return engine
+
+
+PING_AFTER_IDLE_S = 1.0
+_IDLE_SINCE = "flywheel.idle_since"
+_monotonic = time.monotonic  # (tests move it)
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Ping a pooled connection before handing it out if it sat idle `idle_s` or longer;
+    one that fails is replaced (the pool retries the checkout on `DisconnectionError`).
+
+    SQLAlchemy's `pool_pre_ping` pings at every checkout: a round trip before each of the
+    writer's batches (9% of a writer's samples in the webhook bench) for a connection it
+    used a few milliseconds before. Connections die while idle (a restarted server, a
+    firewall's or `idle_session_timeout`'s cut); one in steady use that dies mid-flight
+    fails its transaction, which callers answer 503 (a retry is safe), and SQLAlchemy then
+    drops the pool's other connections of that age, as it does on any disconnect."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = _monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or _monotonic() - since < idle_s:
+            return  # new, or in use a moment ago
+        try:
+            alive = engine.dialect._do_ping_w_event(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(f"ping failed: {exc}") from exc
+        if not alive:
+            raise DisconnectionError("the connection was closed while idle")
 
 
 def _json_dumps(value: Any) -> str:

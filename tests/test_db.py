@@ -121,3 +121,37 @@ def test_schema_keys_equal_the_parser_keys():
     fields = {f.alias or name for name, f in FunnelDefinition.model_fields.items()}
     assert set(schema["properties"]) == fields
     assert schema["additionalProperties"] is False
+
+
+@pytest.mark.postgres
+def test_a_pooled_connection_is_pinged_only_after_sitting_idle(postgres_url, monkeypatch):
+    """The writer checks a connection out for every batch: one it used a moment ago goes out
+    as it is (no round trip); one idle for a second or more is pinged first, and replaced
+    if the server dropped it meanwhile (a restart), without the caller seeing an error."""
+    import psycopg
+
+    import app.db
+
+    now = [1000.0]
+    monkeypatch.setattr(app.db, "_monotonic", lambda: now[0])
+    eng = make_engine(postgres_url, pool_size=1, max_overflow=0)
+    pings: list[int] = []
+    ping = eng.dialect.do_ping
+    monkeypatch.setattr(eng.dialect, "do_ping", lambda c: pings.append(1) or ping(c))
+    backend = text("SELECT pg_backend_pid()")
+    try:
+        with eng.connect() as conn:
+            first = conn.execute(backend).scalar_one()
+        now[0] += 0.5
+        with eng.connect() as conn:
+            assert conn.execute(backend).scalar_one() == first
+        assert pings == []  # in use half a second ago: handed out unpinged
+        admin = eng.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(%s)", (first,))
+        now[0] += 1.5
+        with eng.connect() as conn:
+            assert conn.execute(backend).scalar_one() != first  # a new connection
+        assert pings == [1]
+    finally:
+        eng.dispose()
