@@ -85,6 +85,37 @@ def test_batches_sent_while_the_writer_is_busy_share_a_commit_and_fail_alone(eng
     assert [r.raw for r in replies] == [r.raw for r in r1[:3]]
 
 
+def test_events_handed_over_together_are_sent_together_and_answered_each_its_own(engine):
+    """Ten requests' events in one turn of the event loop go as three messages (at most
+    `COALESCE` each): every caller gets its own reply, a bad event fails alone, and each
+    commit's size is told once."""
+    tenant_id = tenant_with_funnel(engine, "welcome", welcome(), T0)
+    events = _joined(tenant_id, "t", 10)
+    events[3] = Inbound(tenant_id, "bot", "no.such.event", key="b", digest="b", member={"id": "x"})
+    writer = _writer(engine)
+    sent: list[int] = []
+
+    async def run() -> list[tuple[list[Reply], int]]:
+        await writer._connect()
+        assert writer._writer is not None
+        write = writer._writer.write
+        writer._writer.write = lambda data: sent.append(len(data)) or write(data)  # type: ignore[method-assign]
+        try:
+            return await asyncio.gather(*(writer.apply([e], T0) for e in events))
+        finally:
+            writer.close()
+
+    answers = asyncio.run(run())
+    assert len(sent) == 3  # 4 + 4 + 2 events
+    assert [len(replies) for replies, _ in answers] == [1] * 10
+    statuses = [replies[0].status for replies, _ in answers]
+    assert statuses == [200] * 3 + [422] + [200] * 6
+    externals = [r[0].body["member"]["external_id"] for r, _ in answers if r[0].ok]
+    assert externals == [f"t-{i}" for i in range(10) if i != 3]
+    assert sum(n for _, n in answers) == 10  # commits, counted once each
+    assert _stored(engine, tenant_id) == 9
+
+
 def test_a_writer_killed_answers_its_batch_503_and_the_next_batch_starts_a_new_one(engine):
     tenant_id = tenant_with_funnel(engine, "welcome", welcome(), T0)
     writer = _writer(engine)
