@@ -7,11 +7,11 @@ writer thread's time. `Prepared` keeps what SQLAlchemy is good at (the SQL text 
 dialect, the types' bind processors: UTC datetimes, JSON through orjson) and drops the
 per-call machinery:
 
-    _RESPOND = Prepared(update(event_t).where(...).values(...))
-    _RESPOND.run(conn, {"b_id": 1, ...})            # rowcount
-    _RESPOND.scalar(conn, {...})                    # RETURNING id: the first column
+    _TAKE_SEAT = Prepared(update(team_t).where(...).values(...))
+    _TAKE_SEAT.run(conn, {"b_id": 1, ...})          # rowcount
+    _TAKE_SEAT.scalar(conn, {...})                  # RETURNING id: the first column
     _FIRSTS.rows(conn, {...})                       # a SELECT of plain columns: tuples
-    _RESPOND.run_many(conn, [{...}, {...}])         # executemany
+    _TAKE_SEAT.run_many(conn, [{...}, {...}])       # executemany
     _TEAM.records(conn, {"b_id": 7})                # rows by attribute, values as SQLAlchemy's
 
 What it does not do, so that callers cannot get it silently wrong: expanding IN lists and
