@@ -136,11 +136,10 @@ class WriterProcess:
                     _fail(callers, payload)
                     continue
                 replies, committed = payload
-                at = 0
-                for n, c in enumerate(callers):  # each its replies; the commit's size once
+                shares = _shares(replies, committed, [len(c.items) for c in callers])
+                for c, share in zip(callers, shares, strict=True):
                     if not c.answer.done():
-                        c.answer.set_result((replies[at : at + len(c.items)], committed * (n == 0)))
-                    at += len(c.items)
+                        c.answer.set_result(share)
         except (EOFError, OSError, asyncio.IncompleteReadError):
             if self._process is None:
                 return  # closed on purpose
@@ -199,6 +198,19 @@ class _Caller(NamedTuple):
     answer: asyncio.Future[tuple[list[Reply], int]]
 
 
+def _shares(
+    replies: list[Reply], committed: int, lengths: Sequence[int]
+) -> list[tuple[list[Reply], int]]:
+    """`replies` cut into consecutive parts of `lengths`, each with the size of the commit
+    told once, with the first part: a histogram of batch sizes counts each commit once
+    however many batches (or callers) shared it."""
+    out, at = [], 0
+    for n, length in enumerate(lengths):
+        out.append((replies[at : at + length], committed if n == 0 else 0))
+        at += length
+    return out
+
+
 def _fail(callers: Sequence[_Caller], exc: BaseException) -> None:
     for c in callers:
         if not c.answer.done():
@@ -235,13 +247,8 @@ def serve(settings: Settings, sock: socket.socket) -> None:
             except Exception as exc:  # the dispatcher decides what a failed batch means
                 answers = [_dumps((False, exc))] * len(batches)
             else:
-                # the transaction's size once, with its first batch: a histogram of
-                # batch sizes counts each commit once however many batches it merged
-                answers, at = [], 0
-                for n, (batch, _) in enumerate(batches):
-                    answer = (replies[at : at + len(batch)], size if n == 0 else 0)
-                    answers.append(_dumps((True, answer)))
-                    at += len(batch)
+                shares = _shares(replies, size, [len(batch) for batch, _ in batches])
+                answers = [_dumps((True, share)) for share in shares]
             try:
                 sock.sendall(b"".join(_HEADER.pack(len(a)) + a for a in answers))
             except (BrokenPipeError, ConnectionResetError):
