@@ -119,6 +119,27 @@ def insert_rows(table: Table, names: Sequence[str]) -> Any:
     return postgresql.insert(table).from_select(list(names), select(*rows.c))
 
 
+def insert_numbered(table: Table, names: Sequence[str], keys: Sequence[str]) -> Any:
+    """PostgreSQL's `insert_rows` for rows that take their ids from the table's sequence and
+    may conflict on `keys` (skipped, as `insert_or_skip`): one statement that answers, for
+    each row in the order given, `(id, made)`. The ids are drawn in that order, before the
+    insert, so a skipped row's id is known too (and never used). One round trip where
+    drawing the ids first and inserting then took two."""
+    dialect: Any = postgresql.dialect()  # type: ignore[no-untyped-call]
+    typed = ", ".join(f"{n} {table.c[n].type.compile(dialect=dialect)}" for n in names)
+    listed = ", ".join(names)
+    return text(
+        "WITH given AS MATERIALIZED ("  # noqa: S608 - the table's own names, no input
+        f" SELECT nextval(pg_get_serial_sequence('{table.name}', 'id')) AS id, r.*"
+        f" FROM ROWS FROM (json_to_recordset(CAST(:{ROWS} AS JSON)) AS ({typed}))"
+        f" WITH ORDINALITY AS r({listed}, position)),"
+        f" made AS (INSERT INTO {table.name} (id, {listed}) SELECT id, {listed} FROM given"
+        f" ON CONFLICT ({', '.join(keys)}) DO NOTHING RETURNING id)"
+        " SELECT given.id, made.id IS NOT NULL FROM given LEFT JOIN made ON made.id = given.id"
+        " ORDER BY given.position"
+    ).bindparams(bindparam(ROWS, type_=Text))
+
+
 def one_of(column: Any, name: str) -> dict[str, Any]:
     """`column` is one of the list bound to `name`, for each dialect, with the list bound as
     one value: the statement's text is the same however long the list, so it can be

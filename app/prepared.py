@@ -193,8 +193,13 @@ class Prepared:
         return int(self._execute(conn, [params], many=False).rowcount)
 
     def run_many(self, conn: Connection, params: Sequence[Params]) -> None:
-        """One executemany for every set of parameters (all with the same keys)."""
-        if params:
+        """One executemany for every set of parameters (all with the same keys); one set is
+        executed plainly. (psycopg runs an executemany in pipeline mode, entered and left
+        for the call: for one row that cost 76 µs of the client's CPU against 41 for an
+        execute. A funnel step's timers and report pairs are mostly one row.)"""
+        if len(params) == 1:
+            self._execute(conn, params, many=False)
+        elif params:
             self._execute(conn, params, many=True)
 
     def rows(self, conn: Connection, params: Params) -> list[tuple[Any, ...]]:
@@ -256,7 +261,7 @@ class Many:
         if not rows:
             return
         if conn.dialect.name == "postgresql":
-            self._postgresql.run(conn, _as_one(rows))
+            self._postgresql.run(conn, as_one(rows))
         else:
             self._sqlite.run_many(conn, rows)
 
@@ -266,9 +271,9 @@ class Many:
         if conn.dialect.name != "postgresql" or not rows:
             self.run(conn, rows)
             return None if rows else []
-        return self._postgresql.rows(conn, _as_one(rows))
+        return self._postgresql.rows(conn, as_one(rows))
 
 
-def _as_one(rows: Sequence[Params]) -> Params:
+def as_one(rows: Sequence[Params]) -> Params:
     """`Many`'s rows as the one parameter PostgreSQL's statement reads."""
     return {ROWS: orjson.dumps(rows).decode()}

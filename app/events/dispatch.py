@@ -54,7 +54,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.clock import Clock
-from app.db import GIVES_WAY, insert_or_skip, insert_rows, one_of, unnested
+from app.db import GIVES_WAY, insert_numbered, insert_or_skip, insert_rows, one_of, unnested
 from app.engine import MemberState, step
 from app.engine.catalogue import BUILTIN_EVENTS
 from app.engine.schedule import parse_duration
@@ -82,7 +82,7 @@ from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
 from app.observability import Metrics
 from app.outbox.service import delivery_id, enqueue
-from app.prepared import Many, Prepared
+from app.prepared import Many, Prepared, as_one
 from app.timers.models import Timer
 
 log = logging.getLogger("flywheel.dispatch")
@@ -257,10 +257,10 @@ class BatchCache:
 
     def claim(self, conn: Connection, items: Sequence[Inbound], now: datetime) -> None:
         """Claim the batch's event rows with one statement (`INSERT … ON CONFLICT DO
-        NOTHING`, ids allocated first; PostgreSQL returns which rows it made, SQLite's
-        executemany is followed by a read of them), instead of an INSERT … RETURNING per
-        event: on PostgreSQL a round trip per event, under the contended row's lock for a
-        team's joins or a list's appends.
+        NOTHING`: on PostgreSQL drawing the ids and answering which rows it made; on
+        SQLite an executemany with ids drawn first, then a read of the rows made), instead
+        of an INSERT … RETURNING per event: on PostgreSQL a round trip per event, under the
+        contended row's lock for a team's joins or a list's appends.
         A key that comes twice in the batch is claimed by its events one by one, as
         `_apply_one` does without a batch (the second waits for the first's outcome)."""
         keys = Counter((i.tenant_id, i.source, i.key) for i in items if i.key is not None)
@@ -271,18 +271,20 @@ class BatchCache:
         ]
         if not todo:
             return
-        ids = _allocate_event_ids(conn, len(todo))
-        rows = [
-            {"id": event_id, **_event_row(item, now, self)}
-            for event_id, (_, item) in zip(ids, todo, strict=True)
-        ]
-        returned = _CLAIM_ROWS.returned(conn, rows)  # PostgreSQL: the ids of the rows made
-        if returned is not None:
-            made = {i for (i,) in returned}
-        elif any(item.key is not None for _, item in todo):
-            made = {i for (i,) in _CLAIMED.rows(conn, {"b_ids": ids})}
+        rows = [_event_row(item, now, self) for _, item in todo]
+        if conn.dialect.name == "postgresql":
+            numbered = _CLAIM_NUMBERED.rows(conn, as_one(rows))  # (id, made) of each row
+            ids = [int(i) for i, _ in numbered]
+            made = {int(i) for i, was_made in numbered if was_made}
         else:
-            made = set(ids)  # rows without a key never conflict
+            ids = _allocate_event_ids(conn, len(todo))
+            for event_id, row in zip(ids, rows, strict=True):
+                row["id"] = event_id
+            _CLAIM_ROWS.run_many(conn, rows)
+            if any(item.key is not None for _, item in todo):
+                made = {i for (i,) in _CLAIMED.rows(conn, {"b_ids": ids})}
+            else:
+                made = set(ids)  # rows without a key never conflict
         for event_id, (n, _), row in zip(ids, todo, rows, strict=True):
             self._claims[n] = event_id if event_id in made else None
             self._claimed_member[n] = row["member_id"]
@@ -440,32 +442,44 @@ class BatchCache:
                 )
             self._response = None
 
-    def run_deferred(self, conn: Connection) -> int:
+    def run_deferred(self, conn: Connection, savepoint: _Savepoint | None = None) -> int:
         """Store the events' responses, then run the deferred work, each under a savepoint of
         its own, before the commit; the number of actions it queued. A failure is logged and
         skipped: deferred work is a message about state that is stored already, and must not
-        undo the events."""
-        self.flush_runs(conn)
-        _UNCLAIM.run_many(conn, [{"b_id": i} for i in self._unclaim])
-        self._unclaim = []
-        responses, self._responses, self._answered = self._responses, [], {}
-        members, self._members_found = self._members_found, []
-        # One statement each for the batch (an update each took 58 µs of the writer's CPU
-        # and 109 µs of its time on PostgreSQL; as an executemany 26 and 36 per event).
-        _STORE_RESPONSES.run(conn, responses)
-        _SET_MEMBER.run(conn, members)
+        undo the events. `savepoint`: the batch's (`_apply_batch_once`), which serves the
+        deferred work as it served the events, and is left for the commit to release after
+        the last work; timers and sweeps, without one, take SQLAlchemy's."""
+
+        def batch_writes() -> None:
+            self.flush_runs(conn)
+            _UNCLAIM.run_many(conn, [{"b_id": i} for i in self._unclaim])
+            self._unclaim = []
+            responses, self._responses, self._answered = self._responses, [], {}
+            members, self._members_found = self._members_found, []
+            # One statement each for the batch (an update each took 58 µs of the writer's
+            # CPU and 109 µs of its time on PostgreSQL; as an executemany 26 and 36 per event).
+            _STORE_RESPONSES.run(conn, responses)
+            _SET_MEMBER.run(conn, members)
+
+        if savepoint is None:
+            batch_writes()
+        else:
+            savepoint.outside(batch_writes)
         n, work, self._deferred = 0, list(self._deferred.values()), {}
-        for run in work:
-            savepoint = conn.begin_nested()
+        for i, run in enumerate(work):
+            if savepoint is not None:
+                n += _deferred_under(conn, run, savepoint, last=i == len(work) - 1)
+                continue
+            nested = conn.begin_nested()
             try:
                 n += run(conn)
             except OperationalError:
                 raise
             except Exception:
-                savepoint.rollback()
+                nested.rollback()
                 log.exception("deferred work after the batch's events failed")
                 continue
-            savepoint.commit()
+            nested.commit()
         return n
 
     def forget(self) -> None:
@@ -493,36 +507,27 @@ _CLAIMED_ROW = (
     "data",
     "status_code",
 )
-_CLAIM_ROWS = Many(
-    insert_rows(event_t, _CLAIMED_ROW)
-    .on_conflict_do_nothing(index_elements=_EVENT_KEY)
-    .returning(event_t.c.id),
-    insert_or_skip(event_t, _EVENT_KEY)["sqlite"],
-)
+# The batch's claims: on PostgreSQL one statement that draws the ids and answers which rows
+# it made; on SQLite an executemany with the ids drawn first, then a read of the rows made.
+_CLAIM_NUMBERED = Prepared(insert_numbered(event_t, _CLAIMED_ROW[1:], _EVENT_KEY))
+_CLAIM_ROWS = Prepared(insert_or_skip(event_t, _EVENT_KEY)["sqlite"])
 _CLAIMED = Prepared(
     {d: select(event_t.c.id).where(c) for d, c in one_of(event_t.c.id, "b_ids").items()}
 )
 _UNCLAIM = Prepared(delete(event_t).where(event_t.c.id == bindparam("b_id")))
-# Ids for a batch's event rows: taken from the sequence on PostgreSQL; on SQLite, where the
-# batch holds the write lock, the next ones after the largest ever given (AUTOINCREMENT's
-# own record, so a deleted row's id is never given again).
-_NEXT_IDS = Prepared(
-    {
-        "postgresql": text(
-            "SELECT nextval(pg_get_serial_sequence('event', 'id')) FROM generate_series(1, :n)"
-        ),
-        "sqlite": text(
-            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'event'), 0),"
-            " coalesce((SELECT max(id) FROM event), 0))"
-        ),
-    }
+# Ids for a batch's event rows on SQLite, where the batch holds the write lock: the next ones
+# after the largest ever given (AUTOINCREMENT's own record, so a deleted row's id is never
+# given again). PostgreSQL's claim draws them from the sequence (`insert_numbered`).
+_LAST_ID = Prepared(
+    text(
+        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'event'), 0),"
+        " coalesce((SELECT max(id) FROM event), 0))"
+    )
 )
 
 
 def _allocate_event_ids(conn: Connection, n: int) -> list[int]:
-    if conn.dialect.name == "postgresql":
-        return [int(i) for (i,) in _NEXT_IDS.rows(conn, {"n": n})]
-    last = int(_NEXT_IDS.rows(conn, {})[0][0])
+    last = int(_LAST_ID.rows(conn, {})[0][0])
     return list(range(last + 1, last + n + 1))
 
 
@@ -1276,6 +1281,11 @@ class _Savepoint:
             self._open = False
         self._used = False
 
+    def keep(self) -> None:
+        """The last changes of the batch kept, only the commit after them: the savepoint is
+        left for the commit to release (one round trip less than a RELEASE)."""
+        self._armed = self._used = False
+
     def outside(self, write: Callable[[], None]) -> None:
         """Run `write` (what runs held back for the events before the next) so that the next
         event's failure cannot take it: with no savepoint taken for it, and an open one
@@ -1288,6 +1298,24 @@ class _Savepoint:
         if self._used:
             self._run(f"RELEASE SAVEPOINT {self.NAME}", f"SAVEPOINT {self.NAME}")
             self._used = False
+
+
+def _deferred_under(conn: Connection, run: Deferred, savepoint: _Savepoint, *, last: bool) -> int:
+    """One deferred work under the batch's savepoint (see `BatchCache.run_deferred`)."""
+    savepoint.begin()
+    try:
+        n = run(conn)
+    except OperationalError:
+        raise
+    except Exception:
+        savepoint.rollback(again=False)
+        log.exception("deferred work after the batch's events failed")
+        return 0
+    if last:
+        savepoint.keep()
+    else:
+        savepoint.release(again=False)
+    return n
 
 
 _SAVEPOINT_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -1331,10 +1359,10 @@ def _apply_batch_once(engine: Engine, items: Sequence[Inbound], now: datetime) -
                 cache.position = n
                 more = n + 1 < len(items)
                 replies.append(_apply_item(conn, item, now, cache, savepoint, more=more))
+            cache.position = None
+            queued = cache.run_deferred(conn, savepoint)
         finally:
             savepoint.close()
-        cache.position = None
-        queued = cache.run_deferred(conn)
     if queued and replies:  # said on a reply, so the commit wakes the outbox's delivery
         replies[-1] = replace(replies[-1], actions=replies[-1].actions + queued)
     return replies
