@@ -96,26 +96,27 @@ def insert_or_add(table: Table, keys: Sequence[str], counters: Sequence[str]) ->
     }
 
 
-def add_rows(table: Table, keys: Sequence[str], counters: Sequence[str]) -> Any:
+def add_rows(table: Table, keys: Sequence[str], counters: Sequence[str], param: str = ROWS) -> Any:
     """PostgreSQL's `insert_or_add` over rows bound as one parameter (`insert_rows`)."""
-    return _adding(insert_rows(table, [*keys, *counters]), table, keys, counters)
+    return _adding(insert_rows(table, [*keys, *counters], param), table, keys, counters)
 
 
-def unnested(columns: Mapping[str, Any]) -> Any:
+def unnested(columns: Mapping[str, Any], param: str = ROWS) -> Any:
     """PostgreSQL's `json_to_recordset(:rows) AS rows(a type, b type, …)`: a batch's rows
     bound as one parameter, a JSON array of objects (`app.prepared.Many` makes it with
     orjson), each key read as the named column's type, for one statement over them all.
     Select from it, join it, take `rows.c.<key>`. (Arrays, one per column through `unnest`,
-    cost more: psycopg dumps each array's items in Python, slower than executemany.)"""
-    source = func.json_to_recordset(cast(bindparam(ROWS, type_=Text), postgresql.JSON))
+    cost more: psycopg dumps each array's items in Python, slower than executemany.)
+    `param`: the parameter's name, and the rows' (two sets of rows in one statement)."""
+    source = func.json_to_recordset(cast(bindparam(param, type_=Text), postgresql.JSON))
     typed = [column(name, c.type) for name, c in columns.items()]
-    return source.table_valued(*typed).render_derived(name="rows", with_types=True)
+    return source.table_valued(*typed).render_derived(name=param, with_types=True)
 
 
-def insert_rows(table: Table, names: Sequence[str]) -> Any:
+def insert_rows(table: Table, names: Sequence[str], param: str = ROWS) -> Any:
     """PostgreSQL's `INSERT INTO table (names) SELECT … FROM json_to_recordset(…)`, the rows'
     keys the columns' names (`unnested`): add `.on_conflict_…` as for a plain insert."""
-    rows = unnested({n: table.c[n] for n in names})
+    rows = unnested({n: table.c[n] for n in names}, param)
     return postgresql.insert(table).from_select(list(names), select(*rows.c))
 
 

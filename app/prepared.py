@@ -274,6 +274,6 @@ class Many:
         return self._postgresql.rows(conn, as_one(rows))
 
 
-def as_one(rows: Sequence[Params]) -> Params:
+def as_one(rows: Sequence[Params], param: str = ROWS) -> Params:
     """`Many`'s rows as the one parameter PostgreSQL's statement reads."""
-    return {ROWS: orjson.dumps(rows).decode()}
+    return {param: orjson.dumps(rows).decode()}
