@@ -35,6 +35,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -467,19 +468,7 @@ class BatchCache:
             savepoint.outside(batch_writes)
         n, work, self._deferred = 0, list(self._deferred.values()), {}
         for i, run in enumerate(work):
-            if savepoint is not None:
-                n += _deferred_under(conn, run, savepoint, last=i == len(work) - 1)
-                continue
-            nested = conn.begin_nested()
-            try:
-                n += run(conn)
-            except OperationalError:
-                raise
-            except Exception:
-                nested.rollback()
-                log.exception("deferred work after the batch's events failed")
-                continue
-            nested.commit()
+            n += _deferred_once(conn, run, savepoint, last=i == len(work) - 1)
         return n
 
     def forget(self) -> None:
@@ -494,8 +483,7 @@ class BatchCache:
 _EVENT_KEY = ["tenant_id", "source", "dedupe_key"]
 _CLAIM_KEY = Prepared(insert_or_skip(event_t, _EVENT_KEY, event_t.c.id))
 _INSERT_EVENT = Prepared(insert(event_t).returning(event_t.c.id))
-_CLAIMED_ROW = (
-    "id",
+_CLAIMED_ROW = (  # an event row's columns but its id, which the claim draws
     "tenant_id",
     "source",
     "dedupe_key",
@@ -509,7 +497,7 @@ _CLAIMED_ROW = (
 )
 # The batch's claims: on PostgreSQL one statement that draws the ids and answers which rows
 # it made; on SQLite an executemany with the ids drawn first, then a read of the rows made.
-_CLAIM_NUMBERED = Prepared(insert_numbered(event_t, _CLAIMED_ROW[1:], _EVENT_KEY))
+_CLAIM_NUMBERED = Prepared(insert_numbered(event_t, _CLAIMED_ROW, _EVENT_KEY))
 _CLAIM_ROWS = Prepared(insert_or_skip(event_t, _EVENT_KEY)["sqlite"])
 _CLAIMED = Prepared(
     {d: select(event_t.c.id).where(c) for d, c in one_of(event_t.c.id, "b_ids").items()}
@@ -1300,21 +1288,29 @@ class _Savepoint:
             self._used = False
 
 
-def _deferred_under(conn: Connection, run: Deferred, savepoint: _Savepoint, *, last: bool) -> int:
-    """One deferred work under the batch's savepoint (see `BatchCache.run_deferred`)."""
-    savepoint.begin()
+def _deferred_once(
+    conn: Connection, run: Deferred, savepoint: _Savepoint | None, *, last: bool
+) -> int:
+    """One deferred work under a savepoint of its own (see `BatchCache.run_deferred`): the
+    batch's, left for the commit after the `last` work, or else SQLAlchemy's."""
+    undo: Callable[[], None]
+    kept: Callable[[], None]
+    if savepoint is None:
+        nested = conn.begin_nested()
+        undo, kept = nested.rollback, nested.commit
+    else:
+        savepoint.begin()
+        undo = partial(savepoint.rollback, again=False)
+        kept = savepoint.keep if last else partial(savepoint.release, again=False)
     try:
         n = run(conn)
     except OperationalError:
         raise
     except Exception:
-        savepoint.rollback(again=False)
+        undo()
         log.exception("deferred work after the batch's events failed")
         return 0
-    if last:
-        savepoint.keep()
-    else:
-        savepoint.release(again=False)
+    kept()
     return n
 
 
