@@ -20,7 +20,9 @@ from sqlalchemy import Engine, event, select, text
 
 from app.events.dispatch import Inbound, apply_batch
 from app.events.models import EventLog, EventResponse
-from app.funnels.models import FunnelInstance, StageHistory
+from app.funnels.models import FunnelInstance, StageHistory, StagePair
+from app.outbox.models import Outbox
+from app.timers.models import Timer
 from bench.scenarios import funnel as bench_funnel
 from tests.conftest import T0, tenant_with_funnel
 from tests.factories import welcome
@@ -28,6 +30,10 @@ from tests.test_groupbuy import OPENS
 
 instance_t = FunnelInstance.__table__  # type: ignore[attr-defined]
 history_t = StageHistory.__table__  # type: ignore[attr-defined]
+pair_t = StagePair.__table__  # type: ignore[attr-defined]
+timer_t = Timer.__table__  # type: ignore[attr-defined]
+event_t = EventLog.__table__  # type: ignore[attr-defined]
+outbox_t = Outbox.__table__  # type: ignore[attr-defined]
 
 
 def _writes(words: list[str]) -> list[str]:
@@ -234,22 +240,31 @@ def _op(tenant_id: int, ids: dict[str, int], team: str, op: tuple[str, int]) -> 
 
 
 def _outcome(engine: Engine, tenant_id: int, ids: dict[str, int]) -> dict[str, Any]:
+    """Every row a batch's funnel steps write (most held for the batch's end: the instances,
+    stage stays, report pairs, timers, emitted events and actions), by member name."""
     by_id = {v: k for k, v in ids.items()}
     with engine.connect() as conn:
-        instances = conn.execute(
-            select(instance_t.c.member_id, instance_t.c.state, instance_t.c.status).where(
-                instance_t.c.tenant_id == tenant_id
-            )
-        ).all()
-        stays = conn.execute(
-            select(history_t.c.member_id, history_t.c.stage, history_t.c.left_at.is_(None)).where(
-                history_t.c.tenant_id == tenant_id
-            )
-        ).all()
-    return {
-        "instances": sorted((by_id[m], s, st_) for m, s, st_ in instances),
-        "stays": sorted((by_id[m], stage, bool(open_)) for m, stage, open_ in stays),
-    }
+
+        def rows(*columns: Any) -> list[tuple[Any, ...]]:
+            table = columns[0].table
+            found = conn.execute(select(*columns).where(table.c.tenant_id == tenant_id)).all()
+            return sorted((by_id.get(r[0], r[0]), *r[1:]) for r in found)
+
+        return {
+            "instances": rows(instance_t.c.member_id, instance_t.c.state, instance_t.c.status),
+            "stays": rows(
+                history_t.c.member_id,
+                history_t.c.stage,
+                history_t.c.state,
+                history_t.c.entered_by,
+                history_t.c.left_at.is_(None),
+                history_t.c.left_by,
+            ),
+            "pairs": rows(pair_t.c.member_id, pair_t.c.version, pair_t.c.a, pair_t.c.b),
+            "timers": rows(timer_t.c.member_id, timer_t.c.key),
+            "emitted": rows(event_t.c.member_id, event_t.c.type, event_t.c.source),
+            "actions": rows(outbox_t.c.member_id, outbox_t.c.type, outbox_t.c.status),
+        }
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -271,6 +286,67 @@ def test_events_committed_together_end_as_if_committed_one_by_one(engine, ops):
         r.body.get("result") and r.body["result"]["outcome"] for r in singles
     ]
     assert _outcome(engine, together, ids_a) == _outcome(engine, alone, ids_b)
+
+
+def test_an_event_that_fails_after_its_steps_leaves_none_of_their_rows(engine, monkeypatch):
+    """The join that fills a team steps five members' funnels (their rows held for the
+    batch's end) and then fails: none of those rows is written, and the batch's other events
+    are, as if the join had never come."""
+    from app.events import dispatch
+
+    now = datetime.now(UTC)
+    failed, ids_a, team_a = _lunch_tenant(engine, now)
+    never, ids_b, team_b = _lunch_tenant(engine, now)
+    first = [("join", 1), ("join", 2), ("join", 3)]
+    for tenant, ids, team in ((failed, ids_a, team_a), (never, ids_b, team_b)):
+        assert all(
+            r.ok for r in apply_batch(engine, [_op(tenant, ids, team, o) for o in first], now)
+        )
+    body = dispatch._body
+
+    def failing(event_id, item, m, funnels):  # type: ignore[no-untyped-def]
+        if item.type == "groupbuy.join" and m is not None and m.id == ids_a["wx-4"]:
+            raise RuntimeError("after the steps")
+        return body(event_id, item, m, funnels)
+
+    monkeypatch.setattr(dispatch, "_body", failing)
+    ops = [("join", 4), ("post", 5), ("post", 1)]
+    replies = apply_batch(engine, [_op(failed, ids_a, team_a, o) for o in ops], now)
+    assert [r.status for r in replies] == [500, 200, 200]
+    rest = apply_batch(engine, [_op(never, ids_b, team_b, o) for o in ops[1:]], now)
+    assert all(r.ok for r in rest)
+    assert _outcome(engine, failed, ids_a) == _outcome(engine, never, ids_b)
+
+
+def test_after_a_failure_later_events_see_the_steps_held_for_the_batch_end(engine, monkeypatch):
+    """An event failing unexpectedly makes the batch forget what it read; a later event of
+    the batch then reads a member's instances from the table, which does not hold the steps
+    earlier events made yet: it must see them all the same (the team's success moved wx-1
+    to `activated`, from where an order makes a customer)."""
+    from app.events import dispatch
+
+    now = datetime.now(UTC)
+    together, ids_a, team_a = _lunch_tenant(engine, now)
+    apart, ids_b, team_b = _lunch_tenant(engine, now)
+    body = dispatch._body
+
+    def failing(event_id, item, m, funnels):  # type: ignore[no-untyped-def]
+        if item.type == "message.posted" and m is not None and m.external_id == "wx-5":
+            raise RuntimeError("unexpected")
+        return body(event_id, item, m, funnels)
+
+    monkeypatch.setattr(dispatch, "_body", failing)
+
+    def ops(tenant: int, ids: dict[str, int], team: str) -> list[Inbound]:
+        joins = [_op(tenant, ids, team, ("join", i)) for i in range(1, 5)]
+        order = Inbound(tenant, "bot", "order.placed", {"sequence": 1}, member={"id": "wx-1"})
+        return [*joins, _op(tenant, ids, team, ("post", 5)), order]
+
+    batch = apply_batch(engine, ops(together, ids_a, team_a), now)
+    singles = [apply_batch(engine, [item], now)[0] for item in ops(apart, ids_b, team_b)]
+    assert [r.status for r in batch] == [r.status for r in singles] == [200] * 4 + [500, 200]
+    assert {f["state"] for f in batch[-1].body["funnels"]} == {"customer"}
+    assert _outcome(engine, together, ids_a) == _outcome(engine, apart, ids_b)
 
 
 # ── a batch's appends to one list, applied together ──────────────────────────────────────

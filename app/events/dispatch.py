@@ -64,10 +64,10 @@ from app.errors import Conflict, DomainError, NotFound
 from app.events.ingest import unknown_type
 from app.events.models import EventLog, EventResponse
 from app.funnels import store
+from app.funnels.pending import Pending
 from app.mechanics.commands import (
     Context,
     DirectAction,
-    Effects,
     Emit,
     Handler,
     Run,
@@ -176,6 +176,10 @@ class BatchCache:
         flushes them as `_apply_batch_once` does (before other events and the deferred
         work, and on `WriteThrough`); timers and sweeps apply without."""
         self.runs = runs
+        # The batch's funnel-step writes, held for its end (app/funnels/pending.py); timers
+        # and sweeps write through.
+        self.pending = Pending() if runs else None
+        self._behind: dict[int, dict[int, store.InstanceRow]] = {}  # written, not stored yet
         self.versions: dict[int, list[store.VersionRef]] = {}
         self._members: dict[int, Any] = {}  # member id -> locked row, not yet handed out
         self._by_ref: dict[tuple[int, str], int] = {}  # (tenant, external id) -> member id
@@ -322,7 +326,11 @@ class BatchCache:
 
     def instances(self, conn: Connection, member_id: int) -> dict[int, store.InstanceRow]:
         hit = self._written.pop(member_id, None) or self._instances.pop(member_id, None)
-        return hit if hit is not None else store.member_instances(conn, member_id)
+        if hit is not None:
+            return hit
+        stored = store.member_instances(conn, member_id)
+        behind = self._behind.get(member_id)  # what the table does not hold yet
+        return {**stored, **behind} if behind else stored
 
     def keep_instances(self, member_id: int, rows: dict[int, store.InstanceRow]) -> None:
         """The member's instances as this event's step left them (locked, written)."""
@@ -333,6 +341,8 @@ class BatchCache:
         self._instances.pop(member_id, None)
 
     def begin_event(self, item: Inbound | None = None) -> None:
+        if self.pending is not None:
+            self.pending.mark()
         self._staged = {}
         self._written = {}
         self._response = None
@@ -386,7 +396,10 @@ class BatchCache:
     def event_failed(self, *, again: bool = False) -> None:
         """The event in progress was rolled back to its savepoint: the runs it used go back
         to their marks, the ones it loaded (their locks released with it) are dropped, and
-        its claim is deleted at the end of the batch (kept when it is applied `again`)."""
+        its claim is deleted at the end of the batch (kept when it is applied `again`), and
+        the rows it left pending are dropped."""
+        if self.pending is not None:
+            self.pending.event_failed()
         pre, event_id = self.claimed()
         if pre and event_id is not None and not again:
             self._unclaim.append(event_id)
@@ -430,6 +443,8 @@ class BatchCache:
             self._deferred[key] = work
         self._staged = {}
         self._instances.update(self._written)
+        if self.pending is not None:
+            self._behind.update(self._written)
         self._written = {}
         if self._response is not None:
             response, member, item = self._response
@@ -452,6 +467,9 @@ class BatchCache:
         the last work; timers and sweeps, without one, take SQLAlchemy's."""
 
         def batch_writes() -> None:
+            if self.pending is not None:
+                self.pending.write(conn)
+                self._behind = {}
             self.flush_runs(conn)
             _UNCLAIM.run_many(conn, [{"b_id": i} for i in self._unclaim])
             self._unclaim = []
@@ -472,7 +490,8 @@ class BatchCache:
         return n
 
     def forget(self) -> None:
-        """After an event's savepoint rolled back: what it read may be gone with it."""
+        """After an event's savepoint rolled back: what it read may be gone with it (not what
+        earlier events wrote and the batch holds pending: `_behind`)."""
         self._members.clear()
         self._instances.clear()
         self._written.clear()
@@ -617,6 +636,8 @@ def _apply_one(conn: Connection, item: Inbound, now: datetime, cache: BatchCache
         event_id, stored = claimed, cache.claimed_member()
     else:
         row = _event_row(item, now, cache)
+        if cache.pending is not None:  # (SQLite: not an id the batch gave a pending row)
+            row["id"] = cache.pending.event_id(conn)
         event_id = (_CLAIM_KEY if item.key is not None else _INSERT_EVENT).scalar(conn, row)
         if event_id is None:
             return _replay(conn, item, cache)
@@ -760,7 +781,9 @@ def _step_member(
     after = dict(instances)  # the member's instances once this step is written
     for fx in watched:
         emits.extend(fx.emits)
-        n_actions += _enqueue_direct(conn, tenant_id, fx.actions, event_id, event_type, now)
+        n_actions += _enqueue_direct(
+            conn, tenant_id, fx.actions, event_id, event_type, now, cache.pending
+        )
     for funnel_id, ref in candidates.items():
         inst = instances.get(funnel_id)
         active = inst is not None and inst.status == "active"
@@ -770,7 +793,7 @@ def _step_member(
         state = MemberState.from_json(inst.data, profile) if inst else MemberState(profile=profile)
         outcome = step(funnel, state, event, now)
         result, n, new, written = _persist(
-            conn, tenant_id, event_type, m, ref, inst, outcome, state, event_id, now
+            conn, tenant_id, event_type, m, ref, inst, outcome, state, event_id, now, cache.pending
         )
         if written is not None:
             after[funnel_id] = store.InstanceRow(
@@ -852,19 +875,20 @@ def _emit_all(
         m = locked.get(emit.member_id)
         if m is None:
             m = locked[emit.member_id] = _lock_member(conn, tenant_id, emit.member_id, cache)
-        event_id = _LOG_EMITTED.scalar(
-            conn,
-            {
-                "tenant_id": tenant_id,
-                "source": EMITTED_SOURCE,
-                "type": emit.type,
-                "member_id": emit.member_id,
-                "occurred_at": now,
-                "received_at": now,
-                "data": emit.data,
-                "status_code": 200,
-            },
-        )
+        row = {
+            "tenant_id": tenant_id,
+            "source": EMITTED_SOURCE,
+            "type": emit.type,
+            "member_id": emit.member_id,
+            "occurred_at": now,
+            "received_at": now,
+            "data": emit.data,
+            "status_code": 200,
+        }
+        if cache.pending is not None:
+            event_id = cache.pending.log_event(conn, row)
+        else:
+            event_id = _LOG_EMITTED.scalar(conn, row)
         results, n, more = _step_member(
             conn, tenant_id, m, emit.type, emit.data, event_id, now, cache
         )
@@ -923,19 +947,15 @@ def _run_command(
     outcomes, n_actions = _emit_all(
         conn, item.tenant_id, effects.emits, effects.member_id, now, cache, m
     )
-    n_actions += _direct_actions(conn, item, effects, event_id, now)
+    n_actions += _enqueue_direct(
+        conn, item.tenant_id, effects.actions, event_id, item.type, now, cache.pending
+    )
     if m is None and effects.member_id is not None:
         m = conn.execute(select(member_t).where(member_t.c.id == effects.member_id)).one()
     body = _body(event_id, item, m, outcomes)
     body["result"] = effects.result
     body["emitted"] = [{"type": e.type, "member_id": e.member_id} for e in effects.emits]
     return body, n_actions
-
-
-def _direct_actions(
-    conn: Connection, item: Inbound, effects: Effects, event_id: int, now: datetime
-) -> int:
-    return _enqueue_direct(conn, item.tenant_id, effects.actions, event_id, item.type, now)
 
 
 _EXTERNAL_ID = Prepared(select(member_t.c.external_id).where(member_t.c.id == bindparam("b_id")))
@@ -948,6 +968,7 @@ def _enqueue_direct(
     event_id: int,
     event_type: str,
     now: datetime,
+    pending: Pending | None = None,
 ) -> int:
     """Actions a mechanic asked for (a refund, a fulfilment, points), into the outbox."""
     n = 0
@@ -969,6 +990,7 @@ def _enqueue_direct(
                 event_type=event_type,
                 actions=[planned],
                 now=now,
+                pending=pending,
             )
         )
     return n
@@ -985,6 +1007,7 @@ def _persist(
     before: MemberState,
     event_id: int,
     now: datetime,
+    pending: Pending | None = None,
 ) -> tuple[dict[str, Any], int, list[Emit], int | None]:
     """Write a step's outcome: its answer, the actions queued, the events it emits and the
     id of the instance written (None: the step matched nothing and wrote nothing)."""
@@ -1004,6 +1027,7 @@ def _persist(
             event_type=event_type,
             event_ref=str(event_id),
             now=now,
+            pending=pending,
         )
         actions, emits = _issue_vouchers(conn, tenant_id, m.id, ref, actions, event_id, now)
         actions = _grant_points(conn, tenant_id, m.id, ref, actions, event_id, now)
@@ -1019,6 +1043,7 @@ def _persist(
             event_type=event_type,
             actions=actions,
             now=now,
+            pending=pending,
         )
     new = outcome.state
     return (

@@ -39,6 +39,7 @@ from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, selec
 from app.db import insert_or_add
 from app.engine.definition import STAGES
 from app.funnels.models import StagePair, StageRollup
+from app.funnels.pending import Pending
 from app.prepared import Prepared
 
 pair_t: Table = StagePair.__table__  # type: ignore[attr-defined]
@@ -145,19 +146,25 @@ def record(
     member_id: int,
     version: int,
     entries: Sequence[Entry],
+    pending: Pending | None = None,
 ) -> None:
     """Add the pairs of a member's stage entries (callers hold the member's lock, so the
-    first entries read here cannot change before the insert). One read, one insert."""
+    first entries read here cannot change before the insert). One read, one insert; with
+    `pending` (the dispatcher's batch), the insert at the batch's end, and the read sees
+    the pairs pending too."""
     if not entries:
         return
-    known = {
-        (v, a): (at_us, campaign)
-        for v, a, at_us, campaign in _FIRSTS.rows(
-            conn, {"b_funnel": funnel_id, "b_member": member_id, "b_version": version}
-        )
-    }
+    firsts = _FIRSTS.rows(
+        conn, {"b_funnel": funnel_id, "b_member": member_id, "b_version": version}
+    )
+    if pending is not None:
+        firsts.extend(pending.firsts(funnel_id, member_id, version))
+    known = {(v, a): (at_us, campaign) for v, a, at_us, campaign in firsts}
     rows = pair_rows(tenant_id, funnel_id, member_id, pairs_for(known, version, entries))
-    _INSERT_PAIRS.run_many(conn, rows)
+    if pending is not None:
+        pending.add_pairs(rows)
+    else:
+        _INSERT_PAIRS.run_many(conn, rows)
 
 
 def pair_rows(

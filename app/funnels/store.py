@@ -20,6 +20,7 @@ from app.engine.state import StageChange
 from app.funnels.entries import Entry
 from app.funnels.entries import record as record_entries
 from app.funnels.models import Funnel, FunnelInstance, FunnelVersion, StageHistory
+from app.funnels.pending import Pending
 from app.prepared import Prepared
 from app.timers.models import Timer
 
@@ -226,9 +227,11 @@ def save_outcome(
     event_type: str,
     event_ref: str | None,
     now: datetime,
+    pending: Pending | None = None,
 ) -> int:
     """Persist what `step` (or `relocate`) decided: the instance, stage history and timer
-    rows. Returns the instance id."""
+    rows. Returns the instance id. With `pending` (the dispatcher's batch), all but a new
+    instance's row are written at the batch's end."""
     new: MemberState = outcome.state
     values = {
         "version": version,
@@ -242,6 +245,9 @@ def save_outcome(
         instance_id: int = _INSERT_INSTANCE.scalar(
             conn, {"tenant_id": tenant_id, "funnel_id": funnel_id, "member_id": member_id, **values}
         )
+    elif pending is not None:
+        instance_id = instance.id
+        pending.update_instance(instance_id, values)
     else:
         instance_id = instance.id
         _UPDATE_INSTANCE.run(
@@ -258,30 +264,35 @@ def save_outcome(
         changes=outcome.stage_changes,
         event_type=event_type,
         event_ref=event_ref,
+        pending=pending,
     )
     touched = {t.key for t in outcome.timers_armed} | set(outcome.timers_cancelled)
-    if touched:
-        # Delete then re-insert what the final state holds: a timer armed and cancelled in
-        # the same step (entered a state and left it at once) ends up with no row.
-        _DROP_TIMER.run_many(conn, [{"b_instance": instance_id, "b_key": k} for k in touched])
-        live = [t for t in new.timers if t.key in touched]
-        if live:
-            _ARM_TIMERS.run_many(
-                conn,
-                [
-                    {
-                        "tenant_id": tenant_id,
-                        "member_id": member_id,
-                        "funnel_id": funnel_id,
-                        "instance_id": instance_id,
-                        "key": t.key,
-                        "due_at": t.due_at,
-                        "attempts": 0,
-                        "created_at": now,
-                    }
-                    for t in live
-                ],
-            )
+    if not touched:
+        return instance_id
+    # Delete then re-insert what the final state holds: a timer armed and cancelled in the
+    # same step (entered a state and left it at once) ends up with no row.
+    live = [
+        {
+            "tenant_id": tenant_id,
+            "member_id": member_id,
+            "funnel_id": funnel_id,
+            "instance_id": instance_id,
+            "key": t.key,
+            "due_at": t.due_at,
+            "attempts": 0,
+            "created_at": now,
+        }
+        for t in new.timers
+        if t.key in touched
+    ]
+    if pending is not None:
+        for key in sorted(touched):
+            pending.drop_timer(instance_id, key)
+        for row in live:
+            pending.arm_timer(row)
+        return instance_id
+    _DROP_TIMER.run_many(conn, [{"b_instance": instance_id, "b_key": k} for k in touched])
+    _ARM_TIMERS.run_many(conn, live)
     return instance_id
 
 
@@ -297,35 +308,39 @@ def record_stage_changes(
     changes: Iterable[StageChange],
     event_type: str,
     event_ref: str | None,
+    pending: Pending | None = None,
 ) -> None:
     """One stage_history row per stay in a stage; leaving closes the open row. First
     entries also go to the report's index (app/funnels/entries.py)."""
     entered: list[Entry] = []
     for change in changes:
         if change.left is not None:
-            _CLOSE_STAGE.run(
-                conn, {"b_instance": instance_id, "b_at": change.at, "b_by": event_type}
-            )
+            closing = {"b_instance": instance_id, "b_at": change.at, "b_by": event_type}
+            if pending is not None:
+                pending.close_stage(closing)
+            else:
+                _CLOSE_STAGE.run(conn, closing)
         if change.entered is not None:
             assert change.to_state is not None
-            _OPEN_STAGE.run(
-                conn,
-                {
-                    "tenant_id": tenant_id,
-                    "funnel_id": funnel_id,
-                    "member_id": member_id,
-                    "instance_id": instance_id,
-                    "version": version,
-                    "campaign": campaign,
-                    "stage": change.entered,
-                    "state": change.to_state,
-                    "entered_at": change.at,
-                    "entered_by": event_type,
-                    "entered_event_id": event_ref,
-                    "left_at": None,
-                    "left_by": None,
-                },
-            )
+            row = {
+                "tenant_id": tenant_id,
+                "funnel_id": funnel_id,
+                "member_id": member_id,
+                "instance_id": instance_id,
+                "version": version,
+                "campaign": campaign,
+                "stage": change.entered,
+                "state": change.to_state,
+                "entered_at": change.at,
+                "entered_by": event_type,
+                "entered_event_id": event_ref,
+                "left_at": None,
+                "left_by": None,
+            }
+            if pending is not None:
+                pending.open_stage(row)
+            else:
+                _OPEN_STAGE.run(conn, row)
             entered.append(Entry(change.entered, change.at, campaign))
     record_entries(
         conn,
@@ -334,4 +349,5 @@ def record_stage_changes(
         member_id=member_id,
         version=version,
         entries=entered,
+        pending=pending,
     )

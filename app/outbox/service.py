@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, insert
 
 from app.engine.state import PlannedAction
+from app.funnels.pending import Pending
 from app.outbox.models import ActionEndpoint, DeliveryAttempt, Outbox
 from app.prepared import Prepared
 
@@ -48,9 +49,11 @@ def enqueue(
     event_type: str,
     actions: Sequence[PlannedAction],
     now: datetime,
+    pending: Pending | None = None,
 ) -> list[int]:
     """One outbox row per action, in order; returns their ids. Suppressed actions are kept
-    for the record (the send policy said no) and never delivered."""
+    for the record (the send policy said no) and never delivered. With `pending` (the
+    dispatcher's batch), the rows are written at the batch's end, their ids given now."""
     if not actions:
         return []
     rows: list[dict[str, Any]] = []
@@ -80,4 +83,6 @@ def enqueue(
                 "created_at": now,
             }
         )
+    if pending is not None:
+        return [pending.enqueue(conn, row) for row in rows]
     return [int(_ENQUEUE.scalar(conn, row)) for row in rows]
