@@ -255,6 +255,8 @@ class BatchCache:
         }
         if stepping:
             self._instances = store.instances_of_members(conn, stepping)
+        if self.pending is not None:
+            self.pending = Pending(sorted(stepping), len(items))
         # Every event that steps funnels reads its tenant's open versions: once, here,
         # before the batch's first savepoint (see PRELOADS).
         for tenant_id in sorted({i.tenant_id for i in items if i.type not in RUN_COMMANDS}):
@@ -323,6 +325,25 @@ class BatchCache:
         if hit is not None and hit.tenant_id == tenant_id:
             return hit
         return _MEMBER_BY_ID.record(conn, {"b_id": member_id, "b_tenant": tenant_id})
+
+    def members_by_ids(
+        self, conn: Connection, tenant_id: int, member_ids: Sequence[int]
+    ) -> dict[int, Any]:
+        """`member_by_id` for several members: those not prefetched (or handed out already)
+        read and locked with one statement, in id order (a team's success locks its five)."""
+        found: dict[int, Any] = {}
+        for member_id in member_ids:
+            hit = self._members.pop(member_id, None)
+            if hit is not None and hit.tenant_id == tenant_id:
+                found[member_id] = hit
+        rest = sorted(set(member_ids) - found.keys())
+        if len(rest) == 1:
+            row = _MEMBER_BY_ID.record(conn, {"b_id": rest[0], "b_tenant": tenant_id})
+            found.update({rest[0]: row} if row is not None else {})
+        elif rest:
+            rows = _MEMBERS_BY_ID.records(conn, {"b_tenant": tenant_id, "b_ids": rest})
+            found.update((r.id, r) for r in rows)
+        return found
 
     def instances(self, conn: Connection, member_id: int) -> dict[int, store.InstanceRow]:
         hit = self._written.pop(member_id, None) or self._instances.pop(member_id, None)
@@ -861,8 +882,11 @@ def _emit_all(
     event last wrote it (locked already), is not read again."""
     queue = deque((e, 1) for e in emits)
     locked: dict[int, Any] = {actor.id: actor} if actor is not None else {}
-    for member_id in sorted({e.member_id for e in emits} - locked.keys()):  # one lock order
-        locked[member_id] = _lock_member(conn, tenant_id, member_id, cache)
+    wanted = sorted({e.member_id for e in emits} - locked.keys())  # locked in one order
+    locked.update(cache.members_by_ids(conn, tenant_id, wanted))
+    if len(locked) < len(wanted) + (actor is not None):
+        missing = sorted(set(wanted) - locked.keys())
+        raise NotFound(f"no member {missing[0]}")
     outcomes: list[dict[str, Any]] = []
     n_actions = 0
     while queue:

@@ -150,15 +150,15 @@ def record(
 ) -> None:
     """Add the pairs of a member's stage entries (callers hold the member's lock, so the
     first entries read here cannot change before the insert). One read, one insert; with
-    `pending` (the dispatcher's batch), the insert at the batch's end, and the read sees
-    the pairs pending too."""
+    `pending` (the dispatcher's batch), the insert at the batch's end, and the first
+    entries read once for the batch's members, the pending ones laid over."""
     if not entries:
         return
-    firsts = _FIRSTS.rows(
-        conn, {"b_funnel": funnel_id, "b_member": member_id, "b_version": version}
-    )
     if pending is not None:
-        firsts.extend(pending.firsts(funnel_id, member_id, version))
+        firsts = pending.firsts(conn, funnel_id, member_id, version)
+    else:
+        params = {"b_funnel": funnel_id, "b_member": member_id, "b_version": version}
+        firsts = _FIRSTS.rows(conn, params)
     known = {(v, a): (at_us, campaign) for v, a, at_us, campaign in firsts}
     rows = pair_rows(tenant_id, funnel_id, member_id, pairs_for(known, version, entries))
     if pending is not None:

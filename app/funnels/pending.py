@@ -29,9 +29,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, insert, text, update
+from sqlalchemy import Connection, Table, bindparam, delete, insert, select, text, update
 
-from app.db import insert_rows, unnested
+from app.db import insert_rows, one_of, unnested
 from app.events.models import EventLog
 from app.funnels.models import FunnelInstance, StageHistory, StagePair
 from app.outbox.models import Outbox
@@ -188,11 +188,11 @@ def _drawn(table: str) -> Prepared:
 class _Ids:
     """Ids handed out ahead of their rows (see the module docstring)."""
 
-    def __init__(self, table: str) -> None:
+    def __init__(self, table: str, block: int) -> None:
         self._last, self._draw = _last_id(table), _drawn(table)
         self._next: int | None = None  # SQLite: the next id to give
         self._drawn: list[int] = []  # PostgreSQL: drawn and not given yet, last first
-        self._block = FIRST_BLOCK
+        self._block = block
 
     def take(self, conn: Connection) -> int:
         if conn.dialect.name == "postgresql":
@@ -206,18 +206,34 @@ class _Ids:
         return given
 
 
+_FIRSTS_OF = Prepared(
+    {
+        dialect: select(
+            pair_t.c.member_id, pair_t.c.version, pair_t.c.a, pair_t.c.at_us, pair_t.c.campaign
+        ).where(pair_t.c.funnel_id == bindparam("b_funnel"), members, pair_t.c.a == pair_t.c.b)
+        for dialect, members in one_of(pair_t.c.member_id, "b_members").items()
+    }
+)
+
+
 class Pending:
     """Rows a batch writes at its end, in the order its events made them; `mark` and
-    `event_failed` frame each event."""
+    `event_failed` frame each event. `members`: the batch's own (locked before its first
+    event), whose report pairs are read together when the first of them needs theirs."""
 
-    def __init__(self) -> None:
+    def __init__(self, members: Sequence[int] = (), items: int = 0) -> None:
         self.events: list[dict[str, Any]] = []
         self.instances: dict[int, dict[str, Any]] = {}  # instance id -> its latest values
         self.stages: list[tuple[str, Any]] = []  # ("close", params) | ("open", row)
         self.pairs: list[dict[str, Any]] = []
         self.timers: dict[tuple[int, str], dict[str, Any] | None] = {}  # None: dropped
         self.actions: list[dict[str, Any]] = []
-        self._event_ids, self._action_ids = _Ids("event"), _Ids("outbox")
+        block = max(FIRST_BLOCK, 4 * items)
+        self._event_ids, self._action_ids = _Ids("event", block), _Ids("outbox", block)
+        self.members = set(members)
+        # The table's first entries (member, version, a, at_us, campaign) by (funnel,
+        # member): the member's lock keeps them as read until the batch writes its own.
+        self._stored: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
         self._undo: list[Callable[[], None]] = []  # what an event failing gives back
 
     def __bool__(self) -> bool:
@@ -281,10 +297,22 @@ class Pending:
         for row in rows:
             self._appended(self.pairs, row)
 
-    def firsts(self, funnel_id: int, member_id: int, version: int) -> list[tuple[Any, ...]]:
-        """The pending first entries (version, a, at_us, campaign) of a member's funnel, as
-        the report pairs' read answers them from the table."""
-        return [
+    def firsts(
+        self, conn: Connection, funnel_id: int, member_id: int, version: int
+    ) -> list[tuple[Any, ...]]:
+        """A member's first entries into the funnel's stages, (version, a, at_us,
+        campaign) of `version` and of all versions (0): the table's, read once a batch
+        (for all of the batch's members at once), and those pending."""
+        key = (funnel_id, member_id)
+        if key not in self._stored:
+            batch = member_id in self.members
+            wanted = sorted(self.members) if batch else [member_id]
+            for m in wanted:
+                self._stored.setdefault((funnel_id, m), [])
+            for row in _FIRSTS_OF.rows(conn, {"b_funnel": funnel_id, "b_members": wanted}):
+                self._stored[(funnel_id, row[0])].append(row[1:])
+        stored = [r for r in self._stored[key] if r[0] in (version, 0)]
+        return stored + [
             (p["version"], p["a"], p["at_us"], p["campaign"])
             for p in self.pairs
             if p["funnel_id"] == funnel_id
@@ -327,7 +355,7 @@ class Pending:
         _ARM_TIMERS.run(conn, [row for _, row in timers if row is not None])
         _ENQUEUE.run(conn, self.actions)
         self.events, self.instances, self.stages, self.pairs = [], {}, [], []
-        self.timers, self.actions, self._undo = {}, [], []
+        self.timers, self.actions, self._undo, self._stored = {}, [], [], {}
 
 
 def _stage_rows(

@@ -741,29 +741,38 @@ def _succeed(
     _NOT_LIVE.run(ctx.conn, {"b_team": team.id})
     _closing_counters(ctx, team, cfg, succeeded=True)
     source = f"groupbuy.{team.campaign}"
-    for seat in _seats(ctx.conn, team.id, (ACTIVE,)):
+    seats = _seats(ctx.conn, team.id, (ACTIVE,))
+    issued: list[Any] = []
+    if cfg.voucher is not None:  # one each, in one statement
+        v = cfg.voucher
+        valid_for = parse_duration(v.valid_for)
+        issued = vouchers.issue_many(
+            ctx.conn,
+            [
+                vouchers.new_voucher(
+                    tenant_id=ctx.tenant_id,
+                    member_id=seat.member_id,
+                    name=v.voucher,
+                    value_fen=v.value_fen,
+                    discount_percent=v.discount_percent,
+                    valid_for=valid_for,
+                    origin=f"groupbuy:{team.id}:{seat.member_id}",
+                    mechanic=source,
+                    funnel_id=team.funnel_id,
+                    team_id=team.id,
+                    now=ctx.now,
+                )
+                for seat in seats
+            ],
+        )
+    for n, seat in enumerate(seats):
         data = _event_data(team, cfg, seat.role)
-        if cfg.voucher is not None:
-            v = cfg.voucher
-            row, _ = vouchers.issue(
-                ctx.conn,
-                tenant_id=ctx.tenant_id,
-                member_id=seat.member_id,
-                name=v.voucher,
-                value_fen=v.value_fen,
-                discount_percent=v.discount_percent,
-                valid_for=parse_duration(v.valid_for),
-                origin=f"groupbuy:{team.id}:{seat.member_id}",
-                mechanic=source,
-                funnel_id=team.funnel_id,
-                team_id=team.id,
-                now=ctx.now,
-            )
-            data["voucher"] = row.code
+        if issued:
+            data["voucher"] = issued[n].code
         effects.emits.append(Emit(seat.member_id, "groupbuy.succeeded", data))
-        if cfg.voucher is not None:
+        if issued:
             effects.emits.append(
-                Emit(seat.member_id, "voucher.issued", vouchers.event_data(row, source))
+                Emit(seat.member_id, "voucher.issued", vouchers.event_data(issued[n], source))
             )
         if seat.order_id is not None:
             effects.actions.append(

@@ -9,10 +9,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, select, update
 
-from app.db import insert_or_skip
+from app.db import insert_or_skip, insert_rows
 from app.errors import NotFound, Refused
 from app.mechanics.vouchers.models import Voucher
-from app.prepared import Prepared
+from app.prepared import Prepared, as_one
 
 voucher_t: Table = Voucher.__table__  # type: ignore[attr-defined]
 
@@ -39,6 +39,21 @@ def normalize(code: str) -> str:
     return code.replace("-", "").replace(" ", "").upper()
 
 
+_COLUMNS = (
+    "tenant_id",
+    "member_id",
+    "code",
+    "name",
+    "value_fen",
+    "discount_percent",
+    "status",
+    "origin",
+    "mechanic",
+    "funnel_id",
+    "team_id",
+    "issued_at",
+    "expires_at",
+)
 # The new voucher comes back from its INSERT; one already issued for the origin is read.
 _INSERTS = Prepared(
     {
@@ -53,8 +68,7 @@ _BY_ORIGIN = Prepared(
 )
 
 
-def issue(
-    conn: Connection,
+def new_voucher(
     *,
     tenant_id: int,
     member_id: int,
@@ -67,32 +81,54 @@ def issue(
     mechanic: str | None = None,
     funnel_id: int | None = None,
     team_id: int | None = None,
-) -> tuple[Any, bool]:
-    """Issue one voucher for `origin`, or return the one it already issued.
-    Returns (row, created)."""
-    made = _INSERTS.record(
-        conn,
-        {
-            "tenant_id": tenant_id,
-            "member_id": member_id,
-            "code": new_code(),
-            "name": name,
-            "value_fen": value_fen,
-            "discount_percent": discount_percent,
-            "status": ISSUED,
-            "origin": origin,
-            "mechanic": mechanic,
-            "funnel_id": funnel_id,
-            "team_id": team_id,
-            "issued_at": now,
-            "expires_at": now + valid_for,
-        },
-    )
+) -> dict[str, Any]:
+    """The row of a voucher to issue (`issue`, `issue_many`)."""
+    return {
+        "tenant_id": tenant_id,
+        "member_id": member_id,
+        "code": new_code(),
+        "name": name,
+        "value_fen": value_fen,
+        "discount_percent": discount_percent,
+        "status": ISSUED,
+        "origin": origin,
+        "mechanic": mechanic,
+        "funnel_id": funnel_id,
+        "team_id": team_id,
+        "issued_at": now,
+        "expires_at": now + valid_for,
+    }
+
+
+def issue(conn: Connection, **voucher: Any) -> tuple[Any, bool]:
+    """Issue one voucher (`new_voucher`'s arguments) for its origin, or return the one the
+    origin already issued. Returns (row, created)."""
+    row = new_voucher(**voucher)
+    return _issued(conn, row, _INSERTS.record(conn, row))
+
+
+def _issued(conn: Connection, row: dict[str, Any], made: Any | None) -> tuple[Any, bool]:
     if made is not None:
         return made, True
-    row = _BY_ORIGIN.record(conn, {"b_tenant": tenant_id, "b_origin": origin})
-    assert row is not None, origin
-    return row, False
+    found = _BY_ORIGIN.record(conn, {"b_tenant": row["tenant_id"], "b_origin": row["origin"]})
+    assert found is not None, row["origin"]
+    return found, False
+
+
+_INSERT_MANY = Prepared(
+    insert_rows(voucher_t, _COLUMNS)
+    .on_conflict_do_nothing(index_elements=["tenant_id", "origin"])
+    .returning(*voucher_t.c)
+)
+
+
+def issue_many(conn: Connection, rows: list[dict[str, Any]]) -> list[Any]:
+    """`issue` for several vouchers (`new_voucher`'s rows), in their order: on PostgreSQL
+    one statement (a team's success issues one to each member), on SQLite one each."""
+    if conn.dialect.name != "postgresql" or len(rows) < 2:
+        return [_issued(conn, r, _INSERTS.record(conn, r))[0] for r in rows]
+    made = {m.origin: m for m in _INSERT_MANY.records(conn, as_one(rows))}
+    return [_issued(conn, r, made.get(r["origin"]))[0] for r in rows]
 
 
 def by_code(conn: Connection, tenant_id: int, code: str) -> Any:
