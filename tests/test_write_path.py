@@ -21,6 +21,8 @@ from sqlalchemy import Engine, event, select, text
 from app.events.dispatch import Inbound, apply_batch
 from app.events.models import EventLog, EventResponse
 from app.funnels.models import FunnelInstance, StageHistory, StagePair
+from app.mechanics.groupbuy.models import Seat, Team
+from app.mechanics.vouchers.models import Voucher
 from app.outbox.models import Outbox
 from app.timers.models import Timer
 from bench.scenarios import funnel as bench_funnel
@@ -34,6 +36,9 @@ pair_t = StagePair.__table__  # type: ignore[attr-defined]
 timer_t = Timer.__table__  # type: ignore[attr-defined]
 event_t = EventLog.__table__  # type: ignore[attr-defined]
 outbox_t = Outbox.__table__  # type: ignore[attr-defined]
+seat_t = Seat.__table__  # type: ignore[attr-defined]
+team_t = Team.__table__  # type: ignore[attr-defined]
+voucher_t = Voucher.__table__  # type: ignore[attr-defined]
 
 
 def _writes(words: list[str]) -> list[str]:
@@ -264,6 +269,14 @@ def _outcome(engine: Engine, tenant_id: int, ids: dict[str, int]) -> dict[str, A
             "timers": rows(timer_t.c.member_id, timer_t.c.key),
             "emitted": rows(event_t.c.member_id, event_t.c.type, event_t.c.source),
             "actions": rows(outbox_t.c.member_id, outbox_t.c.type, outbox_t.c.status),
+            "seats": rows(
+                seat_t.c.member_id,
+                seat_t.c.role,
+                seat_t.c.status,
+                seat_t.c.live_key.is_(None),
+            ),
+            "teams": rows(team_t.c.leader_member_id, team_t.c.status, team_t.c.seats_taken),
+            "vouchers": rows(voucher_t.c.member_id, voucher_t.c.name, voucher_t.c.status),
         }
 
 
@@ -316,6 +329,47 @@ def test_an_event_that_fails_after_its_steps_leaves_none_of_their_rows(engine, m
     rest = apply_batch(engine, [_op(never, ids_b, team_b, o) for o in ops[1:]], now)
     assert all(r.ok for r in rest)
     assert _outcome(engine, failed, ids_a) == _outcome(engine, never, ids_b)
+
+
+def test_a_join_that_fails_after_its_run_took_the_seat_gives_it_back(engine, monkeypatch):
+    """In a batch, joins are decided by the batch's run of joins and their seats written at
+    its end: a join that fails after the run gave it a seat (here, in its cascade) leaves no
+    seat, and the next joiner takes the place it would have had."""
+    from app.events import dispatch
+
+    now = datetime.now(UTC)
+    failed, ids_a, team_a = _lunch_tenant(engine, now)
+    never, ids_b, team_b = _lunch_tenant(engine, now)
+    body = dispatch._body
+
+    def failing(event_id, item, m, funnels):  # type: ignore[no-untyped-def]
+        if item.type == "groupbuy.join" and m is not None and m.id == ids_a["wx-2"]:
+            raise RuntimeError("after the seat")
+        return body(event_id, item, m, funnels)
+
+    monkeypatch.setattr(dispatch, "_body", failing)
+    ops = [("join", 1), ("join", 2), ("join", 3), ("join", 4), ("join", 5)]
+    replies = apply_batch(engine, [_op(failed, ids_a, team_a, o) for o in ops], now)
+    assert [r.status for r in replies] == [200, 500, 200, 200, 200]
+    assert replies[-1].body["result"]["team"]["status"] == "succeeded"
+    rest = apply_batch(engine, [_op(never, ids_b, team_b, o) for o in ops if o[1] != 2], now)
+    assert all(r.ok for r in rest)
+    assert _outcome(engine, failed, ids_a) == _outcome(engine, never, ids_b)
+
+
+def test_a_batch_of_joins_locks_each_team_once_and_writes_their_seats_together(engine):
+    """The hot-team case: a batch's joins to one team lock and read it once; the seats of
+    the joins that do not fill it are written in one statement."""
+    now = datetime.now(UTC)
+    tenant_id, ids, team = _lunch_tenant(engine, now)
+    joins = [_op(tenant_id, ids, team, ("join", i)) for i in (1, 2, 3)]
+    with counted(engine) as seen:
+        replies = apply_batch(engine, joins, now)
+    assert [r.body["result"]["team"]["seats_taken"] for r in replies] == [2, 3, 4]
+    assert [len(r.body["result"]["team"]["members"]) for r in replies] == [2, 3, 4]
+    assert seen["SELECT groupbuy_team"] == 1, seen
+    assert seen["INSERT groupbuy_seat"] == 1, seen
+    assert seen["UPDATE groupbuy_team"] == 1, seen
 
 
 def test_after_a_failure_later_events_see_the_steps_held_for_the_batch_end(engine, monkeypatch):

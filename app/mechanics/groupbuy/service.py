@@ -19,23 +19,33 @@ of pay-to-join members move on `groupbuy.joined`/`groupbuy.succeeded`, not on th
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Table, bindparam, or_, select, update
 
-from app.db import insert_or_skip
+from app.db import insert_or_skip, insert_rows, one_of
 from app.engine.definition import GroupBuy
 from app.engine.schedule import parse_duration
 from app.errors import FieldProblem, NotFound, Refused
 from app.events.models import EventLog
 from app.funnels import store
-from app.mechanics.commands import Context, DirectAction, Effects, Emit, campaign_config
+from app.mechanics.commands import (
+    Context,
+    DirectAction,
+    Effects,
+    Emit,
+    Peers,
+    WriteThrough,
+    campaign_config,
+)
 from app.mechanics.groupbuy import rules
 from app.mechanics.groupbuy.models import CampaignCounter, Seat, Team
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
-from app.prepared import Prepared
+from app.prepared import Many, Prepared
 
 team_t: Table = Team.__table__  # type: ignore[attr-defined]
 seat_t: Table = Seat.__table__  # type: ignore[attr-defined]
@@ -119,6 +129,19 @@ def _seats_query(statuses: tuple[str, ...]) -> Prepared:
 _SEATS: dict[tuple[str, ...], Prepared] = {
     s: _seats_query(s) for s in ((ACTIVE,), (HELD,), (HELD, ACTIVE))
 }
+
+
+class _Shown(NamedTuple):
+    """One of `_TEAM_MEMBERS`' rows, made in memory (a batch's run of joins)."""
+
+    role: str
+    status: str
+    joined_at: datetime
+    hold_until: datetime | None
+    nickname: str | None
+    attributes: dict[str, Any] | None
+
+
 _TEAM_MEMBERS = Prepared(
     select(
         seat_t.c.role,
@@ -367,7 +390,12 @@ def _open(
 
 
 def join(ctx: Context) -> Effects:
-    """A member joins a team through its share (`groupbuy.join`)."""
+    """A member joins a team through its share (`groupbuy.join`). In a batch, through the
+    batch's run of joins (`_Joins`)."""
+    if ctx.run is not None:
+        run = ctx.run(("groupbuy.join", ctx.tenant_id), lambda peers: _Joins(ctx, peers))
+        assert isinstance(run, _Joins)
+        return run.join(ctx)
     team = _lock_team(ctx, ctx.data["team"])
     m = _member(ctx)
     _, cfg = team_config(ctx.conn, team)
@@ -399,6 +427,182 @@ def join(ctx: Context) -> Effects:
         team = _settle_if_full(ctx, team, cfg, effects)
     effects.result["team"] = team_json(ctx.conn, team, ctx.now)
     return effects
+
+
+_SEAT_COLUMNS = (
+    "tenant_id",
+    "team_id",
+    "member_id",
+    "campaign_key",
+    "live_key",
+    "role",
+    "status",
+    "price_fen",
+    "joined_at",
+    "hold_until",
+    "order_id",
+    "paid_fen",
+    "ended_at",
+)
+_NEW_SEATS = Many(insert_rows(seat_t, _SEAT_COLUMNS), seat_t.insert())
+_SET_TAKEN = Prepared(
+    update(team_t).where(team_t.c.id == bindparam("b_id")).values(seats_taken=bindparam("b_taken"))
+)
+_MEMBERS_SEATS = Prepared(
+    {
+        dialect: select(seat_t, team_t.c.public_id, team_t.c.status.label("team_status"))
+        .join(team_t, team_t.c.id == seat_t.c.team_id)
+        .where(
+            seat_t.c.tenant_id == bindparam("b_tenant"),
+            members,
+            seat_t.c.campaign_key == bindparam("b_campaign"),
+        )
+        for dialect, members in one_of(seat_t.c.member_id, "b_members").items()
+    }
+)
+
+
+@dataclass(frozen=True)
+class _HeldSeat:
+    """A seat the run holds back, as `_campaign_seats` answers seats."""
+
+    team_id: int
+    public_id: str
+    live_key: str | None
+    role: str
+    status: str
+    team_status: str
+
+
+@dataclass(frozen=True)
+class _TeamState:
+    row: Any  # the team row, locked, `seats_taken` as the run's joins left it
+    members: tuple[Any, ...]  # `_TEAM_MEMBERS`' rows, the run's joiners after the table's
+    taken: int  # `seats_taken` in the table
+
+
+class _Joins:
+    """A batch's joins (`app.mechanics.commands.Run`): the hot-team case, every connection
+    joining the same few teams.
+
+    Each team is locked and read (its row, its members as the answer lists them) by the
+    batch's first join to it; the campaign seats of every member of the batch who joins,
+    one statement per campaign. A join is then decided from memory by `join`'s rules, and
+    its seat and the team's count written at `flush` (one statement for the seats, one per
+    team). What the run does not hold is left to `join` itself, by `WriteThrough` before
+    anything changes: the join that fills a team (its success writes and reads the team's
+    seats), a pay-to-join campaign's, a campaign with stock or a cap on open teams, and a
+    member taking back a seat they left. PostgreSQL: a join that waited for its team's lock
+    and sent five statements under it sends none of its own now."""
+
+    kinds = frozenset({"groupbuy.join"})
+
+    def __init__(self, ctx: Context, peers: Peers) -> None:
+        self.tenant_id = ctx.tenant_id
+        self.peers = sorted({m for m, _ in peers if m is not None})
+        self.teams: dict[str, _TeamState] = {}  # by share id
+        self.seats: dict[tuple[str, int], tuple[Any, ...]] = {}  # (campaign, member) -> seats
+        self.new: list[dict[str, Any]] = []  # the seats held back, in order
+        self._mark: tuple[Any, ...] = ({}, {}, 0)
+
+    def mark(self) -> None:
+        self._mark = (dict(self.teams), dict(self.seats), len(self.new))
+
+    def undo(self) -> None:
+        """Back to the mark; a team the failed event locked is forgotten (its lock went with
+        the savepoint on PostgreSQL)."""
+        teams, seats, held = self._mark
+        self.teams, self.seats = dict(teams), dict(seats)
+        del self.new[held:]
+
+    def flush(self, conn: Connection) -> None:
+        if not self.new:
+            return
+        _NEW_SEATS.run(conn, self.new)
+        taken = [
+            {"b_id": t.row.id, "b_taken": t.row.seats_taken}
+            for t in self.teams.values()
+            if t.row.seats_taken != t.taken
+        ]
+        _SET_TAKEN.run_many(conn, taken)
+        self.new = []
+        self.teams = {k: replace(t, taken=t.row.seats_taken) for k, t in self.teams.items()}
+
+    def _team(self, ctx: Context, public_id: str) -> _TeamState:
+        found = self.teams.get(public_id)
+        if found is None:
+            row = _lock_team(ctx, public_id)
+            members = tuple(_TEAM_MEMBERS.records(ctx.conn, {"b_team": row.id}))
+            found = self.teams[public_id] = _TeamState(row, members, row.seats_taken)
+        return found
+
+    def _seats(self, ctx: Context, campaign: str, member_id: int) -> tuple[Any, ...]:
+        """`_campaign_seats` from memory: read for all of the batch's joiners at once."""
+        if (campaign, member_id) not in self.seats:
+            wanted = self.peers if member_id in self.peers else [member_id]
+            for m in wanted:
+                self.seats.setdefault((campaign, m), ())
+            params = {"b_tenant": self.tenant_id, "b_members": wanted, "b_campaign": campaign}
+            for r in _MEMBERS_SEATS.records(ctx.conn, params):
+                self.seats[(campaign, r.member_id)] += (r,)
+        return self.seats[(campaign, member_id)]
+
+    def join(self, ctx: Context) -> Effects:
+        public_id = str(ctx.data["team"])
+        state = self._team(ctx, public_id)
+        team = state.row
+        _, cfg = team_config(ctx.conn, team)
+        if cfg.join_mode == "pay" or _uses_counter(cfg):
+            raise WriteThrough
+        if (
+            team.status == OPEN
+            and team.seats_taken < team.capacity
+            and rules.settle_when_full(cfg, team.seats_taken + 1) is not None
+        ):
+            raise WriteThrough  # the success: `join` applies it, the run flushed first
+        m = _member(ctx)
+        campaign = _campaign_key(team.funnel_id, team.campaign)
+        seats = self._seats(ctx, campaign, m.id)
+        seat = next((s for s in seats if s.team_id == team.id), None)
+        _refuse_closed(team, ctx.now)
+        if seat is not None and seat.status in (HELD, ACTIVE):
+            raise Refused(
+                rules.ALREADY_JOINED,
+                f"you are already in team {team.public_id}"
+                + (" (your seat waits for its payment)" if seat.status == HELD else ""),
+            )
+        _check_member_limits(ctx, m.id, list(seats), cfg, MEMBER)
+        if seat is not None:  # a seat they left or lost, taken again
+            raise WriteThrough
+        if team.seats_taken >= team.capacity:
+            raise Refused(rules.TEAM_FULL, f"team {team.public_id} is full")
+        team = team._replace(seats_taken=team.seats_taken + 1)
+        values = {
+            "tenant_id": ctx.tenant_id,
+            "team_id": team.id,
+            "member_id": m.id,
+            "campaign_key": campaign,
+            "live_key": campaign,
+            "role": MEMBER,
+            "status": ACTIVE,
+            "price_fen": rules.seat_price(cfg, MEMBER),
+            "joined_at": ctx.now,
+            "hold_until": None,
+            "order_id": None,
+            "paid_fen": None,
+            "ended_at": None,
+        }
+        self.new.append(values)
+        held = _HeldSeat(team.id, team.public_id, campaign, MEMBER, ACTIVE, team.status)
+        self.seats[(campaign, m.id)] = (*seats, held)
+        shown = _Shown(MEMBER, ACTIVE, ctx.now, None, m.nickname, m.attributes)
+        self.teams[public_id] = replace(state, row=team, members=(*state.members, shown))
+        effects = Effects(m.id, {"outcome": "joined"})
+        effects.emits.append(Emit(m.id, "groupbuy.joined", _event_data(team, cfg, MEMBER)))
+        effects.result["team"] = team_json(
+            ctx.conn, team, ctx.now, members=self.teams[public_id].members
+        )
+        return effects
 
 
 def _refuse_closed(team: Any, now: datetime) -> None:
@@ -865,11 +1069,15 @@ def _window_detail(reason: str, cfg: GroupBuy) -> str:
     return reason
 
 
-def team_json(conn: Connection, team: Any, now: datetime) -> dict[str, Any]:
-    """A team's live state, as anyone holding its share sees it: no member ids."""
+def team_json(
+    conn: Connection, team: Any, now: datetime, members: Sequence[Any] | None = None
+) -> dict[str, Any]:
+    """A team's live state, as anyone holding its share sees it: no member ids. `members`:
+    the team's as `_TEAM_MEMBERS` reads them, if known (a batch's run of joins)."""
     ref = store.version_ref(conn, team.version_id)
     cfg = store.compiled_version(conn, ref).definition.mechanics.groupbuy[team.campaign]
-    members = _TEAM_MEMBERS.records(conn, {"b_team": team.id})
+    if members is None:
+        members = _TEAM_MEMBERS.records(conn, {"b_team": team.id})
     return {
         "id": team.public_id,
         "share_path": SHARE_PATH + team.public_id,
