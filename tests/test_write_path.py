@@ -358,18 +358,26 @@ def test_a_join_that_fails_after_its_run_took_the_seat_gives_it_back(engine, mon
 
 
 def test_a_batch_of_joins_locks_each_team_once_and_writes_their_seats_together(engine):
-    """The hot-team case: a batch's joins to one team lock and read it once; the seats of
-    the joins that do not fill it are written in one statement."""
+    """The hot-team case: a batch's joins to one team lock and read it once, the join that
+    fills it succeeds it from memory, and the seats, the team and its seats' release are
+    written one statement each; a join after the success is refused as after a commit."""
     now = datetime.now(UTC)
     tenant_id, ids, team = _lunch_tenant(engine, now)
-    joins = [_op(tenant_id, ids, team, ("join", i)) for i in (1, 2, 3)]
+    joins = [_op(tenant_id, ids, team, ("join", i)) for i in (1, 2, 3, 4, 5)]
     with counted(engine) as seen:
         replies = apply_batch(engine, joins, now)
-    assert [r.body["result"]["team"]["seats_taken"] for r in replies] == [2, 3, 4]
-    assert [len(r.body["result"]["team"]["members"]) for r in replies] == [2, 3, 4]
+    assert [r.status for r in replies] == [200] * 4 + [409]
+    shown = [r.body["result"]["team"] for r in replies[:4]]
+    assert [t["seats_taken"] for t in shown] == [2, 3, 4, 5]
+    assert [len(t["members"]) for t in shown] == [2, 3, 4, 5]
+    assert [t["status"] for t in shown] == ["open"] * 3 + ["succeeded"]
+    assert replies[4].error is not None and replies[4].error.code == "team_closed"
+    emitted = [e["type"] for e in replies[3].body["emitted"]]
+    assert emitted == ["groupbuy.joined"] + ["groupbuy.succeeded", "voucher.issued"] * 5
     assert seen["SELECT groupbuy_team"] == 1, seen
     assert seen["INSERT groupbuy_seat"] == 1, seen
     assert seen["UPDATE groupbuy_team"] == 1, seen
+    assert seen["UPDATE groupbuy_seat"] == 1, seen  # the seats of the team no longer live
 
 
 def test_after_a_failure_later_events_see_the_steps_held_for_the_batch_end(engine, monkeypatch):

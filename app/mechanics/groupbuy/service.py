@@ -140,6 +140,9 @@ class _Shown(NamedTuple):
     hold_until: datetime | None
     nickname: str | None
     attributes: dict[str, Any] | None
+    member_id: int
+    order_id: str | None
+    paid_fen: int | None
 
 
 _TEAM_MEMBERS = Prepared(
@@ -150,6 +153,9 @@ _TEAM_MEMBERS = Prepared(
         seat_t.c.hold_until,
         member_t.c.nickname,
         member_t.c.attributes,
+        seat_t.c.member_id,
+        seat_t.c.order_id,
+        seat_t.c.paid_fen,
     )
     .join(member_t, member_t.c.id == seat_t.c.member_id)
     .where(seat_t.c.team_id == bindparam("b_team"), _one_of(seat_t.c.status, (HELD, ACTIVE)))
@@ -445,8 +451,18 @@ _SEAT_COLUMNS = (
     "ended_at",
 )
 _NEW_SEATS = Many(insert_rows(seat_t, _SEAT_COLUMNS), seat_t.insert())
-_SET_TAKEN = Prepared(
-    update(team_t).where(team_t.c.id == bindparam("b_id")).values(seats_taken=bindparam("b_taken"))
+_TEAM_CLOSE_COLUMNS = (
+    "seats_taken",
+    "status",
+    "closed_at",
+    "close_reason",
+    "price_fen",
+    "virtual_seats",
+)
+_SET_TEAM = Prepared(
+    update(team_t)
+    .where(team_t.c.id == bindparam("b_id"))
+    .values({c: bindparam(f"b_{c}") for c in _TEAM_CLOSE_COLUMNS})
 )
 _MEMBERS_SEATS = Prepared(
     {
@@ -462,8 +478,7 @@ _MEMBERS_SEATS = Prepared(
 )
 
 
-@dataclass(frozen=True)
-class _HeldSeat:
+class _HeldSeat(NamedTuple):
     """A seat the run holds back, as `_campaign_seats` answers seats."""
 
     team_id: int
@@ -476,9 +491,9 @@ class _HeldSeat:
 
 @dataclass(frozen=True)
 class _TeamState:
-    row: Any  # the team row, locked, `seats_taken` as the run's joins left it
+    row: Any  # the team row, locked, as the run's joins left it
     members: tuple[Any, ...]  # `_TEAM_MEMBERS`' rows, the run's joiners after the table's
-    taken: int  # `seats_taken` in the table
+    stored: Any  # the row as the table holds it
 
 
 class _Joins:
@@ -487,13 +502,15 @@ class _Joins:
 
     Each team is locked and read (its row, its members as the answer lists them) by the
     batch's first join to it; the campaign seats of every member of the batch who joins,
-    one statement per campaign. A join is then decided from memory by `join`'s rules, and
-    its seat and the team's count written at `flush` (one statement for the seats, one per
-    team). What the run does not hold is left to `join` itself, by `WriteThrough` before
-    anything changes: the join that fills a team (its success writes and reads the team's
-    seats), a pay-to-join campaign's, a campaign with stock or a cap on open teams, and a
-    member taking back a seat they left. PostgreSQL: a join that waited for its team's lock
-    and sent five statements under it sends none of its own now."""
+    one statement per campaign. A join is then decided from memory by `join`'s rules, the
+    join that fills a team succeeds it from memory too (`_succeeded`: the vouchers are
+    issued at once, one statement), and the seats and the teams written at `flush`: one
+    statement for the seats, one per team, one for the seats of the teams that succeeded.
+    What the run does not hold is left to `join` itself, by `WriteThrough` before anything
+    changes: a pay-to-join campaign, a campaign with stock or a cap on open teams (their
+    counters), and a member taking back a seat they left. PostgreSQL: a join that waited
+    for its team's lock and sent five statements under it (nine for the success) sends
+    none of its own now (the success, its vouchers')."""
 
     kinds = frozenset({"groupbuy.join"})
 
@@ -516,34 +533,42 @@ class _Joins:
         del self.new[held:]
 
     def flush(self, conn: Connection) -> None:
-        if not self.new:
+        changed = [t for t in self.teams.values() if t.row != t.stored]
+        if not changed:
             return
         _NEW_SEATS.run(conn, self.new)
-        taken = [
-            {"b_id": t.row.id, "b_taken": t.row.seats_taken}
-            for t in self.teams.values()
-            if t.row.seats_taken != t.taken
-        ]
-        _SET_TAKEN.run_many(conn, taken)
+        _SET_TEAM.run_many(
+            conn,
+            [
+                {"b_id": t.row.id, **{f"b_{c}": getattr(t.row, c) for c in _TEAM_CLOSE_COLUMNS}}
+                for t in changed
+            ],
+        )
+        closed = [{"b_team": t.row.id} for t in changed if t.row.status != t.stored.status]
+        _NOT_LIVE.run_many(conn, closed)
         self.new = []
-        self.teams = {k: replace(t, taken=t.row.seats_taken) for k, t in self.teams.items()}
+        self.teams = {k: replace(t, stored=t.row) for k, t in self.teams.items()}
 
     def _team(self, ctx: Context, public_id: str) -> _TeamState:
         found = self.teams.get(public_id)
         if found is None:
             row = _lock_team(ctx, public_id)
             members = tuple(_TEAM_MEMBERS.records(ctx.conn, {"b_team": row.id}))
-            found = self.teams[public_id] = _TeamState(row, members, row.seats_taken)
+            found = self.teams[public_id] = _TeamState(row, members, row)
         return found
 
     def _seats(self, ctx: Context, campaign: str, member_id: int) -> tuple[Any, ...]:
-        """`_campaign_seats` from memory: read for all of the batch's joiners at once."""
+        """`_campaign_seats` from memory: read for all of the batch's joiners at once (a
+        seat in a team the run closed, as the run has it)."""
         if (campaign, member_id) not in self.seats:
             wanted = self.peers if member_id in self.peers else [member_id]
             for m in wanted:
                 self.seats.setdefault((campaign, m), ())
             params = {"b_tenant": self.tenant_id, "b_members": wanted, "b_campaign": campaign}
+            closed = {t.row.id: t.row.status for t in self.teams.values() if t.row.status != OPEN}
             for r in _MEMBERS_SEATS.records(ctx.conn, params):
+                if r.team_id in closed:
+                    r = r._replace(live_key=None, team_status=closed[r.team_id])
                 self.seats[(campaign, r.member_id)] += (r,)
         return self.seats[(campaign, member_id)]
 
@@ -554,12 +579,6 @@ class _Joins:
         _, cfg = team_config(ctx.conn, team)
         if cfg.join_mode == "pay" or _uses_counter(cfg):
             raise WriteThrough
-        if (
-            team.status == OPEN
-            and team.seats_taken < team.capacity
-            and rules.settle_when_full(cfg, team.seats_taken + 1) is not None
-        ):
-            raise WriteThrough  # the success: `join` applies it, the run flushed first
         m = _member(ctx)
         campaign = _campaign_key(team.funnel_id, team.campaign)
         seats = self._seats(ctx, campaign, m.id)
@@ -577,32 +596,62 @@ class _Joins:
         if team.seats_taken >= team.capacity:
             raise Refused(rules.TEAM_FULL, f"team {team.public_id} is full")
         team = team._replace(seats_taken=team.seats_taken + 1)
-        values = {
-            "tenant_id": ctx.tenant_id,
-            "team_id": team.id,
-            "member_id": m.id,
-            "campaign_key": campaign,
-            "live_key": campaign,
-            "role": MEMBER,
-            "status": ACTIVE,
-            "price_fen": rules.seat_price(cfg, MEMBER),
-            "joined_at": ctx.now,
-            "hold_until": None,
-            "order_id": None,
-            "paid_fen": None,
-            "ended_at": None,
-        }
-        self.new.append(values)
+        self.new.append(
+            {
+                "tenant_id": ctx.tenant_id,
+                "team_id": team.id,
+                "member_id": m.id,
+                "campaign_key": campaign,
+                "live_key": campaign,
+                "role": MEMBER,
+                "status": ACTIVE,
+                "price_fen": rules.seat_price(cfg, MEMBER),
+                "joined_at": ctx.now,
+                "hold_until": None,
+                "order_id": None,
+                "paid_fen": None,
+                "ended_at": None,
+            }
+        )
         held = _HeldSeat(team.id, team.public_id, campaign, MEMBER, ACTIVE, team.status)
         self.seats[(campaign, m.id)] = (*seats, held)
-        shown = _Shown(MEMBER, ACTIVE, ctx.now, None, m.nickname, m.attributes)
-        self.teams[public_id] = replace(state, row=team, members=(*state.members, shown))
+        shown = _Shown(MEMBER, ACTIVE, ctx.now, None, m.nickname, m.attributes, m.id, None, None)
+        members = (*state.members, shown)
         effects = Effects(m.id, {"outcome": "joined"})
         effects.emits.append(Emit(m.id, "groupbuy.joined", _event_data(team, cfg, MEMBER)))
-        effects.result["team"] = team_json(
-            ctx.conn, team, ctx.now, members=self.teams[public_id].members
-        )
+        settlement = rules.settle_when_full(cfg, _confirmed(team, cfg))
+        if settlement is not None:
+            team = self._succeed(ctx, team, cfg, settlement, members, effects)
+        self.teams[public_id] = replace(state, row=team, members=members)
+        effects.result["team"] = team_json(ctx.conn, team, ctx.now, members=members)
         return effects
+
+    def _succeed(
+        self,
+        ctx: Context,
+        team: Any,
+        cfg: GroupBuy,
+        settlement: rules.Settlement,
+        members: tuple[_Shown, ...],
+        effects: Effects,
+    ) -> Any:
+        """`_succeed` from memory: the team closed, its seats no longer live."""
+        team = team._replace(
+            status=SUCCEEDED,
+            closed_at=ctx.now,
+            close_reason=settlement.reason,
+            price_fen=settlement.price_fen,
+            virtual_seats=settlement.virtual_seats,
+        )
+        for key, seats in self.seats.items():
+            if any(s.team_id == team.id for s in seats):
+                self.seats[key] = tuple(
+                    s._replace(live_key=None, team_status=SUCCEEDED) if s.team_id == team.id else s
+                    for s in seats
+                )
+        active = [s for s in members if s.status == ACTIVE]
+        _succeeded(ctx, team, cfg, settlement, active, effects)
+        return team
 
 
 def _refuse_closed(team: Any, now: datetime) -> None:
@@ -944,8 +993,22 @@ def _succeed(
     assert team is not None
     _NOT_LIVE.run(ctx.conn, {"b_team": team.id})
     _closing_counters(ctx, team, cfg, succeeded=True)
+    _succeeded(ctx, team, cfg, settlement, _seats(ctx.conn, team.id, (ACTIVE,)), effects)
+    return team
+
+
+def _succeeded(
+    ctx: Context,
+    team: Any,
+    cfg: GroupBuy,
+    settlement: rules.Settlement,
+    seats: Sequence[Any],
+    effects: Effects,
+) -> None:
+    """What a success gives the members of its active `seats` (member_id, role, order_id,
+    paid_fen; in joining order): a voucher each, `groupbuy.succeeded` and `voucher.issued`,
+    and the paid orders' fulfilment (and a tier's refund)."""
     source = f"groupbuy.{team.campaign}"
-    seats = _seats(ctx.conn, team.id, (ACTIVE,))
     issued: list[Any] = []
     if cfg.voucher is not None:  # one each, in one statement
         v = cfg.voucher
@@ -997,7 +1060,6 @@ def _succeed(
                 effects.actions.append(
                     _refund(team, seat.member_id, seat.order_id, due, "tier_price", partial=True)
                 )
-    return team
 
 
 def _close(
