@@ -304,12 +304,25 @@ def test_events_committed_together_end_as_if_committed_one_by_one(engine, ops):
     assert _outcome(engine, together, ids_a) == _outcome(engine, alone, ids_b)
 
 
+def _fail_before_answering(monkeypatch: Any, kind: str, members: set[int], why: str) -> None:
+    """Events of `kind` for these members fail just before their answer is made: after
+    every write of theirs (their funnel steps, a run's seat), as a bug would."""
+    from app.events import dispatch
+
+    body = dispatch._body
+
+    def failing(event_id, item, m, funnels):  # type: ignore[no-untyped-def]
+        if item.type == kind and m is not None and m.id in members:
+            raise RuntimeError(why)
+        return body(event_id, item, m, funnels)
+
+    monkeypatch.setattr(dispatch, "_body", failing)
+
+
 def test_an_event_that_fails_after_its_steps_leaves_none_of_their_rows(engine, monkeypatch):
     """The join that fills a team steps five members' funnels (their rows held for the
     batch's end) and then fails: none of those rows is written, and the batch's other events
     are, as if the join had never come."""
-    from app.events import dispatch
-
     now = datetime.now(UTC)
     failed, ids_a, team_a = _lunch_tenant(engine, now)
     never, ids_b, team_b = _lunch_tenant(engine, now)
@@ -318,14 +331,7 @@ def test_an_event_that_fails_after_its_steps_leaves_none_of_their_rows(engine, m
         assert all(
             r.ok for r in apply_batch(engine, [_op(tenant, ids, team, o) for o in first], now)
         )
-    body = dispatch._body
-
-    def failing(event_id, item, m, funnels):  # type: ignore[no-untyped-def]
-        if item.type == "groupbuy.join" and m is not None and m.id == ids_a["wx-4"]:
-            raise RuntimeError("after the steps")
-        return body(event_id, item, m, funnels)
-
-    monkeypatch.setattr(dispatch, "_body", failing)
+    _fail_before_answering(monkeypatch, "groupbuy.join", {ids_a["wx-4"]}, "after the steps")
     ops = [("join", 4), ("post", 5), ("post", 1)]
     replies = apply_batch(engine, [_op(failed, ids_a, team_a, o) for o in ops], now)
     assert [r.status for r in replies] == [500, 200, 200]
@@ -338,19 +344,10 @@ def test_a_join_that_fails_after_its_run_took_the_seat_gives_it_back(engine, mon
     """In a batch, joins are decided by the batch's run of joins and their seats written at
     its end: a join that fails after the run gave it a seat (here, in its cascade) leaves no
     seat, and the next joiner takes the place it would have had."""
-    from app.events import dispatch
-
     now = datetime.now(UTC)
     failed, ids_a, team_a = _lunch_tenant(engine, now)
     never, ids_b, team_b = _lunch_tenant(engine, now)
-    body = dispatch._body
-
-    def failing(event_id, item, m, funnels):  # type: ignore[no-untyped-def]
-        if item.type == "groupbuy.join" and m is not None and m.id == ids_a["wx-2"]:
-            raise RuntimeError("after the seat")
-        return body(event_id, item, m, funnels)
-
-    monkeypatch.setattr(dispatch, "_body", failing)
+    _fail_before_answering(monkeypatch, "groupbuy.join", {ids_a["wx-2"]}, "after the seat")
     ops = [("join", 1), ("join", 2), ("join", 3), ("join", 4), ("join", 5)]
     replies = apply_batch(engine, [_op(failed, ids_a, team_a, o) for o in ops], now)
     assert [r.status for r in replies] == [200, 500, 200, 200, 200]
@@ -388,19 +385,11 @@ def test_after_a_failure_later_events_see_the_steps_held_for_the_batch_end(engin
     the batch then reads a member's instances from the table, which does not hold the steps
     earlier events made yet: it must see them all the same (the team's success moved wx-1
     to `activated`, from where an order makes a customer)."""
-    from app.events import dispatch
-
     now = datetime.now(UTC)
     together, ids_a, team_a = _lunch_tenant(engine, now)
     apart, ids_b, team_b = _lunch_tenant(engine, now)
-    body = dispatch._body
-
-    def failing(event_id, item, m, funnels):  # type: ignore[no-untyped-def]
-        if item.type == "message.posted" and m is not None and m.external_id == "wx-5":
-            raise RuntimeError("unexpected")
-        return body(event_id, item, m, funnels)
-
-    monkeypatch.setattr(dispatch, "_body", failing)
+    both = {ids_a["wx-5"], ids_b["wx-5"]}  # the same failure in the batch and one by one
+    _fail_before_answering(monkeypatch, "message.posted", both, "unexpected")
 
     def ops(tenant: int, ids: dict[str, int], team: str) -> list[Inbound]:
         joins = [_op(tenant, ids, team, ("join", i)) for i in range(1, 5)]

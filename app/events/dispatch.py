@@ -64,7 +64,7 @@ from app.errors import Conflict, DomainError, NotFound
 from app.events.ingest import unknown_type
 from app.events.models import EventLog, EventResponse
 from app.funnels import store
-from app.funnels.pending import Pending
+from app.funnels.pending import EMITTED_COLUMNS, Pending
 from app.mechanics.commands import (
     Context,
     DirectAction,
@@ -523,18 +523,8 @@ class BatchCache:
 _EVENT_KEY = ["tenant_id", "source", "dedupe_key"]
 _CLAIM_KEY = Prepared(insert_or_skip(event_t, _EVENT_KEY, event_t.c.id))
 _INSERT_EVENT = Prepared(insert(event_t).returning(event_t.c.id))
-_CLAIMED_ROW = (  # an event row's columns but its id, which the claim draws
-    "tenant_id",
-    "source",
-    "dedupe_key",
-    "digest",
-    "type",
-    "member_id",
-    "occurred_at",
-    "received_at",
-    "data",
-    "status_code",
-)
+# An event row's columns but its id, which the claim draws.
+_CLAIMED_ROW = ("dedupe_key", "digest", *EMITTED_COLUMNS)
 # The batch's claims: on PostgreSQL one statement that draws the ids and answers which rows
 # it made; on SQLite an executemany with the ids drawn first, then a read of the rows made.
 _CLAIM_NUMBERED = Prepared(insert_numbered(event_t, _CLAIMED_ROW, _EVENT_KEY))

@@ -47,8 +47,7 @@ outbox_t: Table = Outbox.__table__  # type: ignore[attr-defined]
 
 FIRST_BLOCK = 16  # ids drawn from a PostgreSQL sequence at first, twice as many each time
 
-EVENT_COLUMNS = (
-    "id",
+EMITTED_COLUMNS = (  # an emitted event's row: no key, no digest (and its id)
     "tenant_id",
     "source",
     "type",
@@ -158,7 +157,7 @@ def _drop(by: Any) -> Any:
 
 
 _DROP_TIMERS = Many(_drop(unnested(_DROP_KEYS).c), _drop({k: bindparam(k) for k in _DROP_KEYS}))
-_LOG_EVENTS = _inserts(event_t, EVENT_COLUMNS)
+_LOG_EVENTS = _inserts(event_t, ("id", *EMITTED_COLUMNS))
 _OPEN_STAGES = _inserts(history_t, HISTORY_COLUMNS)
 _ADD_PAIRS = _inserts(pair_t, PAIR_COLUMNS)
 _ARM_TIMERS = _inserts(timer_t, TIMER_COLUMNS)

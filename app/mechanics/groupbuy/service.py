@@ -186,7 +186,7 @@ def _campaign_seats(ctx: Context, member_id: int, campaign_key: str) -> list[Any
     return _CAMPAIGN_SEATS.records(ctx.conn, params)
 
 
-def _live(seats: list[Any]) -> Any | None:
+def _live(seats: Sequence[Any]) -> Any | None:
     """The seat, of `_campaign_seats`, in a team of the campaign that is still open."""
     return next((s for s in seats if s.live_key is not None), None)
 
@@ -292,7 +292,7 @@ def _closing_counters(ctx: Context, team: Any, cfg: GroupBuy, *, succeeded: bool
 
 
 def _check_member_limits(
-    ctx: Context, member_id: int, seats: list[Any], cfg: GroupBuy, role: str
+    ctx: Context, member_id: int, seats: Sequence[Any], cfg: GroupBuy, role: str
 ) -> None:
     """`seats`: the member's seats in the campaign (`_campaign_seats`)."""
     live = _live(seats)
@@ -406,15 +406,7 @@ def join(ctx: Context) -> Effects:
     m = _member(ctx)
     _, cfg = team_config(ctx.conn, team)
     seats = _campaign_seats(ctx, m.id, _campaign_key(team.funnel_id, team.campaign))
-    seat = next((s for s in seats if s.team_id == team.id), None)
-    _refuse_closed(team, ctx.now)
-    if seat is not None and seat.status in (HELD, ACTIVE):
-        raise Refused(
-            rules.ALREADY_JOINED,
-            f"you are already in team {team.public_id}"
-            + (" (your seat waits for its payment)" if seat.status == HELD else ""),
-        )
-    _check_member_limits(ctx, m.id, seats, cfg, MEMBER)
+    seat = _may_join(ctx, team, cfg, m.id, seats)
     pay = cfg.join_mode == "pay"
     team = _take_seat(ctx, team, cfg)
     values = {
@@ -582,16 +574,9 @@ class _Joins:
         m = _member(ctx)
         campaign = _campaign_key(team.funnel_id, team.campaign)
         seats = self._seats(ctx, campaign, m.id)
-        seat = next((s for s in seats if s.team_id == team.id), None)
-        _refuse_closed(team, ctx.now)
-        if seat is not None and seat.status in (HELD, ACTIVE):
-            raise Refused(
-                rules.ALREADY_JOINED,
-                f"you are already in team {team.public_id}"
-                + (" (your seat waits for its payment)" if seat.status == HELD else ""),
-            )
-        _check_member_limits(ctx, m.id, list(seats), cfg, MEMBER)
-        if seat is not None:  # a seat they left or lost, taken again
+        if (
+            _may_join(ctx, team, cfg, m.id, seats) is not None
+        ):  # a seat they left or lost, taken again
             raise WriteThrough
         if team.seats_taken >= team.capacity:
             raise Refused(rules.TEAM_FULL, f"team {team.public_id} is full")
@@ -652,6 +637,23 @@ class _Joins:
         active = [s for s in members if s.status == ACTIVE]
         _succeeded(ctx, team, cfg, settlement, active, effects)
         return team
+
+
+def _may_join(
+    ctx: Context, team: Any, cfg: GroupBuy, member_id: int, seats: Sequence[Any]
+) -> Any | None:
+    """A join's refusals, in their order, given the member's campaign seats; the seat they
+    had in the team (left or released), if any."""
+    seat = next((s for s in seats if s.team_id == team.id), None)
+    _refuse_closed(team, ctx.now)
+    if seat is not None and seat.status in (HELD, ACTIVE):
+        raise Refused(
+            rules.ALREADY_JOINED,
+            f"you are already in team {team.public_id}"
+            + (" (your seat waits for its payment)" if seat.status == HELD else ""),
+        )
+    _check_member_limits(ctx, member_id, seats, cfg, MEMBER)
+    return seat
 
 
 def _refuse_closed(team: Any, now: datetime) -> None:
