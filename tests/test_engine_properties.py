@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -284,3 +286,33 @@ def test_a_template_renders_each_context_like_a_fresh_substitution(
     template = "".join(pieces)
     for context in contexts:
         assert render_template(template, context) == _reference_render(template, context)
+
+
+_TIMES = st.none() | st.datetimes(timezones=st.just(UTC))
+_CHANGES = st.fixed_dictionaries(
+    {},
+    optional={
+        "status": st.sampled_from(["new", "active", "completed", "exited"]),
+        "state": st.none() | st.text(max_size=5),
+        "stage": st.none() | st.sampled_from(STAGES),
+        "state_entered_at": _TIMES,
+        "seq": st.integers(0, 9),
+        "entries": st.integers(0, 9),
+        "left_at": _TIMES,
+        "campaign": st.none() | st.text(max_size=5),
+        "message_counts": st.lists(st.tuples(st.text(max_size=3), st.integers(0, 5))).map(tuple),
+        "profile": st.dictionaries(st.text(max_size=3), st.integers()),
+    },
+)
+
+
+@given(first=_CHANGES, then=_CHANGES)
+def test_evolve_is_dataclasses_replace(first, then):
+    """`MemberState.evolve` skips `dataclasses.replace`'s machinery; it must make the same
+    state, and refuse a field the state does not have."""
+    base = MemberState(profile={"nickname": "p"})
+    assert base.evolve(**first).evolve(**then) == replace(replace(base, **first), **then)
+    evolved = base.evolve(**first)
+    assert vars(evolved) == vars(replace(base, **first))  # profile too (not compared by ==)
+    with pytest.raises(TypeError, match="no field 'nickname'"):
+        base.evolve(nickname="x")
