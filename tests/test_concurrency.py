@@ -3,6 +3,8 @@ connection, released together by a barrier, each applying its command through th
 path (`apply_batch`: its own transaction, deadlock retry and all).
 
 - 200 members join one team of 3 at the same instant: exactly 2 get in, 198 get a 409;
+- 20 batches of 8 joins race for 5 teams of 3 (each batch's run locks its teams in its own
+  order): exactly 10 get in, every team succeeds once;
 - 200 members open teams of a stock-limited campaign at once: never more than the stock;
 - 20 tills redeem one voucher at once: exactly one succeeds;
 - 300 members append to one solitaire list at once: lines 1..K, no item oversold;
@@ -135,6 +137,41 @@ def test_seat_stock_holds_when_many_join_many_teams_at_once(pg):
     assert counts["ok"] == 6, counts  # 10 seats in all; never negative, never more
     assert scalar(pg, select(CampaignCounter.seats_used)) <= 10  # type: ignore[call-overload]
     assert scalar(pg, select(func.sum(Team.seats_taken))) == 10  # type: ignore[call-overload]
+
+
+def test_batches_of_joins_race_for_the_same_teams(pg):
+    """Writers' batches, each decided in memory by its run of joins (a team locked once per
+    batch, its success from memory), race for five teams of three: the runs lock the
+    teams in different orders, so some batches deadlock and are retried whole. Exactly ten
+    seats are taken, every team succeeds once with three vouchers, nobody holds two."""
+    tenant_id = setup(pg, team_size=3)
+    teams = [open_team(pg, tenant_id, f"m{i}") for i in range(5)]
+    batches = [
+        [
+            command(tenant_id, "groupbuy.join", f"m{5 + 8 * b + k}", team=teams[(b + k) % 5])
+            for k in range(8)
+        ]
+        for b in range(20)
+    ]
+    barrier = threading.Barrier(len(batches))
+
+    def go(items: list[Inbound]) -> list[Reply]:
+        barrier.wait()
+        return apply_batch(pg, items, OPENS)
+
+    with ThreadPoolExecutor(len(batches)) as pool:
+        replies = [r for batch in pool.map(go, batches) for r in batch]
+    counts = outcomes(replies)
+    assert counts["ok"] == 10, counts
+    assert counts["ok"] + counts["409:team_full"] + counts["409:team_closed"] == 160, counts
+    with pg.connect() as conn:
+        rows = conn.execute(select(Team.status, Team.seats_taken)).all()  # type: ignore[call-overload]
+        seats = conn.execute(
+            select(Seat.member_id, func.count()).group_by(Seat.member_id)  # type: ignore[call-overload]
+        ).all()
+    assert sorted(rows) == [("succeeded", 3)] * 5
+    assert len(seats) == 15 and all(n == 1 for _, n in seats)
+    assert scalar(pg, select(func.count()).select_from(Voucher)) == 15
 
 
 def test_20_tills_redeem_one_voucher_at_once(pg):

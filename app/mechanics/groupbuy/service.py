@@ -143,23 +143,47 @@ class _Shown(NamedTuple):
     member_id: int
     order_id: str | None
     paid_fen: int | None
+    team_id: int
 
 
-_TEAM_MEMBERS = Prepared(
-    select(
-        seat_t.c.role,
-        seat_t.c.status,
-        seat_t.c.joined_at,
-        seat_t.c.hold_until,
-        member_t.c.nickname,
-        member_t.c.attributes,
-        seat_t.c.member_id,
-        seat_t.c.order_id,
-        seat_t.c.paid_fen,
+def _team_members(teams: Any) -> Any:
+    """The members a team's answer lists (and a success rewards), in joining order."""
+    return (
+        select(
+            seat_t.c.role,
+            seat_t.c.status,
+            seat_t.c.joined_at,
+            seat_t.c.hold_until,
+            member_t.c.nickname,
+            member_t.c.attributes,
+            seat_t.c.member_id,
+            seat_t.c.order_id,
+            seat_t.c.paid_fen,
+            seat_t.c.team_id,
+        )
+        .join(member_t, member_t.c.id == seat_t.c.member_id)
+        .where(teams, _one_of(seat_t.c.status, (HELD, ACTIVE)))
+        .order_by(seat_t.c.joined_at, seat_t.c.id)
     )
-    .join(member_t, member_t.c.id == seat_t.c.member_id)
-    .where(seat_t.c.team_id == bindparam("b_team"), _one_of(seat_t.c.status, (HELD, ACTIVE)))
-    .order_by(seat_t.c.joined_at, seat_t.c.id)
+
+
+_TEAM_MEMBERS = Prepared(_team_members(seat_t.c.team_id == bindparam("b_team")))
+# A batch's run of joins locks every team its joins name, in one order (id) and one
+# statement, and reads their members with another.
+_TEAMS_BY_SHARE = Prepared(
+    {
+        dialect: select(team_t)
+        .where(team_t.c.tenant_id == bindparam("b_tenant"), shares)
+        .order_by(team_t.c.id)
+        .with_for_update()
+        for dialect, shares in one_of(team_t.c.public_id, "b_publics").items()
+    }
+)
+_TEAMS_MEMBERS = Prepared(
+    {
+        dialect: _team_members(teams)
+        for dialect, teams in one_of(seat_t.c.team_id, "b_teams").items()
+    }
 )
 
 
@@ -398,7 +422,7 @@ def _open(
 def join(ctx: Context) -> Effects:
     """A member joins a team through its share (`groupbuy.join`). In a batch, through the
     batch's run of joins (`_Joins`)."""
-    if ctx.run is not None:
+    if ctx.run is not None and (ctx.tenant_id, str(ctx.data["team"])) not in _THROUGH:
         run = ctx.run(("groupbuy.join", ctx.tenant_id), lambda peers: _Joins(ctx, peers))
         assert isinstance(run, _Joins)
         return run.join(ctx)
@@ -470,6 +494,12 @@ _MEMBERS_SEATS = Prepared(
 )
 
 
+# Teams whose joins the run leaves to `join` (a campaign's join mode and limits are fixed by
+# the version the team was opened under): known after their first join, by this process.
+_THROUGH: set[tuple[int, str]] = set()
+_THROUGH_MAX = 10_000
+
+
 class _HeldSeat(NamedTuple):
     """A seat the run holds back, as `_campaign_seats` answers seats."""
 
@@ -509,6 +539,7 @@ class _Joins:
     def __init__(self, ctx: Context, peers: Peers) -> None:
         self.tenant_id = ctx.tenant_id
         self.peers = sorted({m for m, _ in peers if m is not None})
+        self.shares = sorted({str(d["team"]) for _, d in peers if d.get("team") is not None})
         self.teams: dict[str, _TeamState] = {}  # by share id
         self.seats: dict[tuple[str, int], tuple[Any, ...]] = {}  # (campaign, member) -> seats
         self.new: list[dict[str, Any]] = []  # the seats held back, in order
@@ -542,12 +573,28 @@ class _Joins:
         self.teams = {k: replace(t, stored=t.row) for k, t in self.teams.items()}
 
     def _team(self, ctx: Context, public_id: str) -> _TeamState:
+        if not self.teams and public_id in self.shares:
+            self._lock_all(ctx)
         found = self.teams.get(public_id)
         if found is None:
             row = _lock_team(ctx, public_id)
             members = tuple(_TEAM_MEMBERS.records(ctx.conn, {"b_team": row.id}))
             found = self.teams[public_id] = _TeamState(row, members, row)
         return found
+
+    def _lock_all(self, ctx: Context) -> None:
+        """Every team the batch's joins name, locked in id order (two writers' batches over
+        the same teams then wait for each other instead of deadlocking) and read, with
+        their members, in two statements."""
+        params = {"b_tenant": self.tenant_id, "b_publics": self.shares}
+        rows = _TEAMS_BY_SHARE.records(ctx.conn, params)
+        if not rows:
+            return
+        members: dict[int, list[Any]] = {r.id: [] for r in rows}
+        for m in _TEAMS_MEMBERS.records(ctx.conn, {"b_teams": sorted(members)}):
+            members[m.team_id].append(m)
+        for r in rows:
+            self.teams[r.public_id] = _TeamState(r, tuple(members[r.id]), r)
 
     def _seats(self, ctx: Context, campaign: str, member_id: int) -> tuple[Any, ...]:
         """`_campaign_seats` from memory: read for all of the batch's joiners at once (a
@@ -570,6 +617,9 @@ class _Joins:
         team = state.row
         _, cfg = team_config(ctx.conn, team)
         if cfg.join_mode == "pay" or _uses_counter(cfg):
+            if len(_THROUGH) >= _THROUGH_MAX:
+                _THROUGH.clear()
+            _THROUGH.add((ctx.tenant_id, public_id))  # its next joins go to `join` at once
             raise WriteThrough
         m = _member(ctx)
         campaign = _campaign_key(team.funnel_id, team.campaign)
@@ -600,7 +650,9 @@ class _Joins:
         )
         held = _HeldSeat(team.id, team.public_id, campaign, MEMBER, ACTIVE, team.status)
         self.seats[(campaign, m.id)] = (*seats, held)
-        shown = _Shown(MEMBER, ACTIVE, ctx.now, None, m.nickname, m.attributes, m.id, None, None)
+        shown = _Shown(
+            MEMBER, ACTIVE, ctx.now, None, m.nickname, m.attributes, m.id, None, None, team.id
+        )
         members = (*state.members, shown)
         effects = Effects(m.id, {"outcome": "joined"})
         effects.emits.append(Emit(m.id, "groupbuy.joined", _event_data(team, cfg, MEMBER)))
