@@ -9,18 +9,20 @@ through what the batch keeps in memory (a member's instances, `BatchCache`), and
 pairs' first entries (read here, with the pending ones laid over). So the dispatcher's batch
 hands them to a `Pending` and writes them all before its responses and its commit, in
 foreign-key order: on PostgreSQL one statement per kind of row (the rows as one JSON
-parameter, `app.prepared.Many`), on SQLite an executemany each.
+parameter, `app.prepared.Many`), on SQLite an executemany each. (The write path's own reads
+of the event log look for inbound events only, `order.paid` and `order.refunded`, which no
+mechanic emits: an emitted event's row is never looked for before the batch's end.)
 
 What needs ids before the rows exist (an emitted event's id is its step's cause, an
 action's id is in the answer) takes them from the tables' own counters first: on SQLite,
 whose batch holds the write lock, the next after the largest given (every event row and
 outbox row the batch writes takes its id so, so none collides); on PostgreSQL drawn from
-the sequence in blocks, 16 and then twice as many each time within a batch (ids drawn and
-not used are gaps, as a rolled-back insert's are; the outbox's `act_<id>` are ordered by
-number, not as text).
+the sequence in blocks, the first four per event of the batch (at least 16), then twice as
+many each time (ids drawn and not used are gaps, as a rolled-back insert's are; the
+outbox's `act_<id>` are ordered by number, not as text).
 
-An event that fails gives back what it added (`begin_event`, `event_failed`): its savepoint
-took its other writes. Timers and sweeps, which apply one item per savepoint of
+An event that fails gives back what it added (`mark`, `event_failed`): its savepoint took
+its other writes. Timers and sweeps, which apply one item per savepoint of
 SQLAlchemy's, write through (no `Pending`).
 """
 
@@ -45,7 +47,7 @@ pair_t: Table = StagePair.__table__  # type: ignore[attr-defined]
 timer_t: Table = Timer.__table__  # type: ignore[attr-defined]
 outbox_t: Table = Outbox.__table__  # type: ignore[attr-defined]
 
-FIRST_BLOCK = 16  # ids drawn from a PostgreSQL sequence at first, twice as many each time
+FIRST_BLOCK = 16  # the fewest ids drawn from a PostgreSQL sequence at once
 
 EMITTED_COLUMNS = (  # an emitted event's row: no key, no digest (and its id)
     "tenant_id",
