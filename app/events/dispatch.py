@@ -48,7 +48,6 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
-    text,
     update,
 )
 from sqlalchemy import event as sa_event
@@ -284,7 +283,8 @@ class BatchCache:
             ids = [int(i) for i, _ in numbered]
             made = {int(i) for i, was_made in numbered if was_made}
         else:
-            ids = _allocate_event_ids(conn, len(todo))
+            assert self.pending is not None, "claims are the dispatcher's batch's"
+            ids = [self.pending.event_id(conn) for _ in todo]  # after the largest given
             for event_id, row in zip(ids, rows, strict=True):
                 row["id"] = event_id
             _CLAIM_ROWS.run_many(conn, rows)
@@ -337,10 +337,7 @@ class BatchCache:
             if hit is not None and hit.tenant_id == tenant_id:
                 found[member_id] = hit
         rest = sorted(set(member_ids) - found.keys())
-        if len(rest) == 1:
-            row = _MEMBER_BY_ID.record(conn, {"b_id": rest[0], "b_tenant": tenant_id})
-            found.update({rest[0]: row} if row is not None else {})
-        elif rest:
+        if rest:
             rows = _MEMBERS_BY_ID.records(conn, {"b_tenant": tenant_id, "b_ids": rest})
             found.update((r.id, r) for r in rows)
         return found
@@ -533,22 +530,6 @@ _CLAIMED = Prepared(
     {d: select(event_t.c.id).where(c) for d, c in one_of(event_t.c.id, "b_ids").items()}
 )
 _UNCLAIM = Prepared(delete(event_t).where(event_t.c.id == bindparam("b_id")))
-# Ids for a batch's event rows on SQLite, where the batch holds the write lock: the next ones
-# after the largest ever given (AUTOINCREMENT's own record, so a deleted row's id is never
-# given again). PostgreSQL's claim draws them from the sequence (`insert_numbered`).
-_LAST_ID = Prepared(
-    text(
-        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'event'), 0),"
-        " coalesce((SELECT max(id) FROM event), 0))"
-    )
-)
-
-
-def _allocate_event_ids(conn: Connection, n: int) -> list[int]:
-    last = int(_LAST_ID.rows(conn, {})[0][0])
-    return list(range(last + 1, last + n + 1))
-
-
 _FOUND = {"b_id": event_t.c.id, "b_member": event_t.c.member_id}
 
 
@@ -874,8 +855,8 @@ def _emit_all(
     locked: dict[int, Any] = {actor.id: actor} if actor is not None else {}
     wanted = sorted({e.member_id for e in emits} - locked.keys())  # locked in one order
     locked.update(cache.members_by_ids(conn, tenant_id, wanted))
-    if len(locked) < len(wanted) + (actor is not None):
-        missing = sorted(set(wanted) - locked.keys())
+    missing = sorted(set(wanted) - locked.keys())
+    if missing:
         raise NotFound(f"no member {missing[0]}")
     outcomes: list[dict[str, Any]] = []
     n_actions = 0
@@ -1111,16 +1092,18 @@ def _issue_vouchers(
         p = a.params
         row, _ = vouchers.issue(
             conn,
-            tenant_id=tenant_id,
-            member_id=member_id,
-            name=str(p["voucher"]),
-            value_fen=p.get("value_fen"),
-            discount_percent=p.get("discount_percent"),
-            valid_for=parse_duration(str(p.get("valid_for", "P7D"))),
-            origin=f"event:{event_id}:{ref.funnel_id}:{i}",
-            mechanic=p.get("mechanic") or f"funnel.{ref.key}",
-            funnel_id=ref.funnel_id,
-            now=now,
+            vouchers.new_voucher(
+                tenant_id=tenant_id,
+                member_id=member_id,
+                name=str(p["voucher"]),
+                value_fen=p.get("value_fen"),
+                discount_percent=p.get("discount_percent"),
+                valid_for=parse_duration(str(p.get("valid_for", "P7D"))),
+                origin=f"event:{event_id}:{ref.funnel_id}:{i}",
+                mechanic=p.get("mechanic") or f"funnel.{ref.key}",
+                funnel_id=ref.funnel_id,
+                now=now,
+            ),
         )
         params = {**p, "code": row.code, "qr": vouchers.QR_PREFIX + row.code}
         params["expires_at"] = row.expires_at.isoformat()

@@ -522,15 +522,16 @@ class _Joins:
     """A batch's joins (`app.mechanics.commands.Run`): the hot-team case, every connection
     joining the same few teams.
 
-    Each team is locked and read (its row, its members as the answer lists them) by the
-    batch's first join to it; the campaign seats of every member of the batch who joins,
-    one statement per campaign. A join is then decided from memory by `join`'s rules, the
-    join that fills a team succeeds it from memory too (`_succeeded`: the vouchers are
-    issued at once, one statement), and the seats and the teams written at `flush`: one
-    statement for the seats, one per team, one for the seats of the teams that succeeded.
-    What the run does not hold is left to `join` itself, by `WriteThrough` before anything
-    changes: a pay-to-join campaign, a campaign with stock or a cap on open teams (their
-    counters), and a member taking back a seat they left. PostgreSQL: a join that waited
+    The batch's first join locks every team the batch's joins name, in id order, and reads
+    them (their rows, their members as the answer lists them), two statements; the campaign
+    seats of every member of the batch who joins, one statement per campaign. A join is
+    then decided from memory by `join`'s rules, the join that fills a team succeeds it from
+    memory too (`_succeeded`: the vouchers are issued at once, one statement), and the seats
+    and the teams written at `flush`: one statement for the seats, one per team, one for
+    the seats of the teams that succeeded. What the run does not hold is left to `join`
+    itself, by `WriteThrough` before anything changes: a pay-to-join campaign, a campaign
+    with stock or a cap on open teams (their counters; such a team's next joins skip the
+    run), and a member taking back a seat they left. PostgreSQL: a join that waited
     for its team's lock and sent five statements under it (nine for the success) sends
     none of its own now (the success, its vouchers')."""
 
@@ -573,20 +574,21 @@ class _Joins:
         self.teams = {k: replace(t, stored=t.row) for k, t in self.teams.items()}
 
     def _team(self, ctx: Context, public_id: str) -> _TeamState:
-        if not self.teams and public_id in self.shares:
-            self._lock_all(ctx)
+        if not self.teams:
+            self._lock(ctx, self.shares)
+        if public_id not in self.teams:
+            self._lock(ctx, [public_id])
         found = self.teams.get(public_id)
-        if found is None:
-            row = _lock_team(ctx, public_id)
-            members = tuple(_TEAM_MEMBERS.records(ctx.conn, {"b_team": row.id}))
-            found = self.teams[public_id] = _TeamState(row, members, row)
+        if found is None:  # no such team: answered as `join` answers it
+            _lock_team(ctx, public_id)
+            raise AssertionError(f"team {public_id} was not locked")
         return found
 
-    def _lock_all(self, ctx: Context) -> None:
-        """Every team the batch's joins name, locked in id order (two writers' batches over
-        the same teams then wait for each other instead of deadlocking) and read, with
-        their members, in two statements."""
-        params = {"b_tenant": self.tenant_id, "b_publics": self.shares}
+    def _lock(self, ctx: Context, shares: list[str]) -> None:
+        """Teams locked in id order (two writers' batches over the same teams then wait for
+        each other instead of deadlocking) and read, with their members, in two
+        statements."""
+        params = {"b_tenant": self.tenant_id, "b_publics": shares}
         rows = _TEAMS_BY_SHARE.records(ctx.conn, params)
         if not rows:
             return
@@ -624,10 +626,8 @@ class _Joins:
         m = _member(ctx)
         campaign = _campaign_key(team.funnel_id, team.campaign)
         seats = self._seats(ctx, campaign, m.id)
-        if (
-            _may_join(ctx, team, cfg, m.id, seats) is not None
-        ):  # a seat they left or lost, taken again
-            raise WriteThrough
+        if _may_join(ctx, team, cfg, m.id, seats) is not None:
+            raise WriteThrough  # a seat they left or lost, taken again
         if team.seats_taken >= team.capacity:
             raise Refused(rules.TEAM_FULL, f"team {team.public_id} is full")
         team = team._replace(seats_taken=team.seats_taken + 1)

@@ -35,16 +35,18 @@ def grant_reward(
         v = reward["voucher"]
         row, created = vouchers.issue(
             conn,
-            tenant_id=tenant_id,
-            member_id=member_id,
-            name=v["voucher"],
-            value_fen=v.get("value_fen"),
-            discount_percent=v.get("discount_percent"),
-            valid_for=parse_duration(v.get("valid_for", "P7D")),
-            origin=origin,
-            mechanic=source,
-            funnel_id=funnel_id,
-            now=now,
+            vouchers.new_voucher(
+                tenant_id=tenant_id,
+                member_id=member_id,
+                name=v["voucher"],
+                value_fen=v.get("value_fen"),
+                discount_percent=v.get("discount_percent"),
+                valid_for=parse_duration(v.get("valid_for", "P7D")),
+                origin=origin,
+                mechanic=source,
+                funnel_id=funnel_id,
+                now=now,
+            ),
         )
         if created:
             effects.emits.append(

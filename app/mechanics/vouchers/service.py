@@ -100,10 +100,9 @@ def new_voucher(
     }
 
 
-def issue(conn: Connection, **voucher: Any) -> tuple[Any, bool]:
-    """Issue one voucher (`new_voucher`'s arguments) for its origin, or return the one the
-    origin already issued. Returns (row, created)."""
-    row = new_voucher(**voucher)
+def issue(conn: Connection, row: dict[str, Any]) -> tuple[Any, bool]:
+    """Issue one voucher (`new_voucher`'s row) for its origin, or return the one the origin
+    already issued. Returns (row, created)."""
     return _issued(conn, row, _INSERTS.record(conn, row))
 
 
