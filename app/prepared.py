@@ -38,7 +38,7 @@ from sqlalchemy import Connection, DateTime
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 
-from app.db import ROWS
+from app.db import ROWS, counted
 
 Params = Mapping[str, Any]
 
@@ -275,5 +275,6 @@ class Many:
 
 
 def as_one(rows: Sequence[Params], param: str = ROWS) -> Params:
-    """`Many`'s rows as the one parameter PostgreSQL's statement reads."""
-    return {param: orjson.dumps(rows).decode()}
+    """`Many`'s rows as the parameters PostgreSQL's statement reads: the rows, and their
+    number (`app.db.unnested`)."""
+    return {param: orjson.dumps(rows).decode(), counted(param): len(rows)}

@@ -226,3 +226,48 @@ def test_many_rows_refuse_a_value_too_long_for_its_column_on_postgresql(postgres
             many.run(conn, [row])
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("plans", ["force_custom_plan", "force_generic_plan"])
+def test_rows_joined_to_a_table_are_looked_up_by_its_index(postgres_url, plans):
+    """A batch's rows bound as one parameter and joined to a table (a batch closing its
+    members' stages, dropping their timers) look each row up by the table's index, whether
+    the server plans for the values bound (a statement's first runs) or for any (a prepared
+    statement's generic plan). The planner took the rows to be 100 and read a table of a
+    few thousand rows whole into a hash for each batch, a cost that grew with the table."""
+    from app.db import make_engine, unnested
+    from app.prepared import as_one
+
+    probe = Table(
+        "unnested_probe",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("k", Integer, index=True),
+        Column("note", String(20)),
+    )
+    engine = make_engine(postgres_url)
+    try:
+        with engine.begin() as conn:
+            probe.drop(conn, checkfirst=True)
+            probe.create(conn)
+            conn.execute(insert(probe), [{"k": i, "note": "x"} for i in range(20_000)])
+            conn.exec_driver_sql("ANALYZE unnested_probe")
+        rows = unnested({"b_k": probe.c.k, "b_note": probe.c.note})
+        stmt = probe.update().where(probe.c.k == rows.c.b_k).values(note=rows.c.b_note)
+        compiled = stmt.compile(dialect=engine.dialect)
+        params = as_one([{"b_k": k, "b_note": "y"} for k in range(0, 3200, 200)])
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"SET LOCAL plan_cache_mode = {plans}")
+            plan = "\n".join(
+                r[0] for r in conn.exec_driver_sql("EXPLAIN " + compiled.string, params)
+            )
+            assert "Seq Scan on unnested_probe" not in plan, plan
+            assert "Index Scan using ix_unnested_probe_k" in plan, plan
+            Prepared(stmt).run(conn, params)
+            changed = conn.execute(select(probe.c.k).where(probe.c.note == "y")).scalars()
+            assert sorted(changed) == list(range(0, 3200, 200))
+    finally:
+        with engine.begin() as conn:
+            probe.drop(conn, checkfirst=True)
+        engine.dispose()

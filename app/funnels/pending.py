@@ -33,7 +33,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, delete, insert, select, text, update
 
-from app.db import insert_rows, one_of, unnested
+from app.db import insert_rows, next_id_sql, one_of, unnested
 from app.events.models import EventLog
 from app.funnels.models import FunnelInstance, StageHistory, StagePair
 from app.outbox.models import Outbox
@@ -180,7 +180,7 @@ def _drawn(table: str) -> Prepared:
     """PostgreSQL: the next `n` ids of the table's sequence."""
     return Prepared(
         text(
-            f"SELECT nextval(pg_get_serial_sequence('{table}', 'id'))"  # noqa: S608 - a table's own name
+            f"SELECT {next_id_sql(table)}"  # noqa: S608 - a table's own name
             " FROM generate_series(1, :n)"
         ).bindparams(bindparam("n"))
     )
