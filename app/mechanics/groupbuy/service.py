@@ -114,7 +114,9 @@ _SUCCEED = Prepared(
     .returning(*team_t.c)
 )
 _NOT_LIVE = Prepared(
-    update(seat_t).where(seat_t.c.team_id == bindparam("b_team")).values(live_key=None)
+    update(seat_t)
+    .where(seat_t.c.team_id == bindparam("b_team"), seat_t.c.live_key.is_not(None))
+    .values(live_key=None)
 )
 
 
@@ -494,6 +496,14 @@ _MEMBERS_SEATS = Prepared(
 )
 
 
+_TEAMS_NOT_LIVE = Prepared(  # `_NOT_LIVE` for several teams
+    {
+        dialect: update(seat_t).where(teams, seat_t.c.live_key.is_not(None)).values(live_key=None)
+        for dialect, teams in one_of(seat_t.c.team_id, "b_teams").items()
+    }
+)
+
+
 # Teams whose joins the run leaves to `join` (a campaign's join mode and limits are fixed by
 # the version the team was opened under): known after their first join, by this process.
 _THROUGH: set[tuple[int, str]] = set()
@@ -560,7 +570,13 @@ class _Joins:
         changed = [t for t in self.teams.values() if t.row != t.stored]
         if not changed:
             return
-        _NEW_SEATS.run(conn, self.new)
+        # A seat of a team the run closed is written no longer live, and only the seats
+        # written before (the leader's, earlier batches' joiners') are updated: a seat's
+        # live_key is in one of its indexes, so each update writes the row again.
+        closed = sorted(t.row.id for t in changed if t.row.status != t.stored.status)
+        _NEW_SEATS.run(
+            conn, [{**s, "live_key": None} if s["team_id"] in closed else s for s in self.new]
+        )
         _SET_TEAM.run_many(
             conn,
             [
@@ -568,8 +584,8 @@ class _Joins:
                 for t in changed
             ],
         )
-        closed = [{"b_team": t.row.id} for t in changed if t.row.status != t.stored.status]
-        _NOT_LIVE.run_many(conn, closed)
+        if closed:
+            _TEAMS_NOT_LIVE.run(conn, {"b_teams": closed})
         self.new = []
         self.teams = {k: replace(t, stored=t.row) for k, t in self.teams.items()}
 
