@@ -177,7 +177,7 @@ class BatchCache:
         self.runs = runs
         # The batch's funnel-step writes, held for its end (app/funnels/pending.py); timers
         # and sweeps write through.
-        self.pending = Pending() if runs else None
+        self.pending = Pending() if runs else None  # `prefetch` sizes it for the batch
         self._behind: dict[int, dict[int, store.InstanceRow]] = {}  # written, not stored yet
         self.versions: dict[int, list[store.VersionRef]] = {}
         self._members: dict[int, Any] = {}  # member id -> locked row, not yet handed out
