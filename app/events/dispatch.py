@@ -782,7 +782,7 @@ def _step_member(
         funnel = store.compiled_version(conn, ref)
         if not active and event_type not in funnel.definition.entry.events:
             continue
-        state = MemberState.from_json(inst.data, profile) if inst else MemberState(profile=profile)
+        state = inst.member_state(profile) if inst else MemberState(profile=profile)
         outcome = step(funnel, state, event, now)
         result, n, new, written = _persist(
             conn, tenant_id, event_type, m, ref, inst, outcome, state, event_id, now, cache.pending
@@ -794,8 +794,9 @@ def _step_member(
                 m.id,
                 ref.version,
                 outcome.state.status,
-                orjson.loads(orjson.dumps(outcome.state.to_json())),  # as stored, read back
+                None,
                 ref,
+                outcome.state,
             )
         n_actions += n
         emits.extend(new)
@@ -1176,7 +1177,7 @@ def _fire_timer(
     outcomes, n_actions = [], 0
     if inst is not None:
         funnel = store.compiled_version(conn, inst.ref)
-        state = MemberState.from_json(inst.data, _profile(m))
+        state = inst.member_state(_profile(m))
         outcome = step(funnel, state, Event.timer_fired(item.timer_key, str(event_id)), now)
         result, n_actions, emits, _ = _persist(
             conn, item.tenant_id, item.type, m, inst.ref, inst, outcome, state, event_id, now

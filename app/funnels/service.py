@@ -13,7 +13,6 @@ from sqlmodel import Session, col, select
 
 from app.engine import CompiledFunnel, compile_document
 from app.engine.definition import FunnelDefinition
-from app.engine.state import MemberState
 from app.engine.step import relocate
 from app.errors import Conflict, FieldProblem, InvalidDefinition, NotFound
 from app.funnels import store
@@ -175,7 +174,7 @@ def migrate(session: Session, funnel: Funnel, number: int, now: datetime) -> dic
     moved: Counter[str] = Counter()
     for m in compiled_target.definition.migrations:
         for row in store.instances_in_states(conn, funnel.id, m.from_version, m.states):
-            state = MemberState.from_json(row.data)
+            state = row.member_state()
             assert state.state is not None
             outcome = relocate(compiled_target, state, m.states[state.state], now)
             store.save_outcome(

@@ -7,8 +7,8 @@ statements on a Connection, no ORM unit of work, which costs several times more 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -50,8 +50,20 @@ class InstanceRow:
     member_id: int
     version: int
     status: str
-    data: dict[str, Any]
+    data: dict[str, Any] | None  # the state as the row stores it; None: `state` has it
     ref: VersionRef
+    state: MemberState | None = field(default=None, compare=False, repr=False)
+
+    def member_state(self, profile: Mapping[str, Any] | None = None) -> MemberState:
+        """The instance's state, with the member's profile: parsed from the row, or, for a
+        row a step of the batch wrote, that step's own state (a join's cascade steps a
+        member two or three times; parsing the state each time cost ~8 µs, and making it
+        JSON again to parse ~6 µs more). Equal either way: `MemberState` survives its JSON
+        (tests/test_engine_step.py)."""
+        if self.state is not None:
+            return self.state.evolve(profile=dict(profile or {}))
+        assert self.data is not None, "an instance row has its state or its data"
+        return MemberState.from_json(self.data, profile)
 
 
 def compiled_version(
