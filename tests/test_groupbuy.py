@@ -351,6 +351,49 @@ def test_a_voucher_code_is_forgiving_to_type_and_expires_by_itself(shop):
     assert shop.client.get("/v1/vouchers/NOSUCHCODE00", headers=shop.admin).status_code == 404
 
 
+def test_vouchers_issued_together_answer_in_order_and_an_origin_issues_once(engine):
+    """`issue_many` (a team's success): each voucher once for its origin, in the order asked;
+    an origin that issued before answers its voucher as it stands, and no second one."""
+    from app.mechanics.vouchers import service as vouchers
+
+    tenant_id, _ = new_tenant(engine)
+    now = datetime(2026, 12, 2, 4, tzinfo=UTC)
+    with engine.begin() as conn:
+        ids = [
+            conn.execute(
+                Member.__table__.insert()  # type: ignore[attr-defined]
+                .values(tenant_id=tenant_id, external_id=f"m-{i}", created_at=now)
+                .returning(Member.id)  # type: ignore[call-overload]
+            ).scalar_one()
+            for i in range(3)
+        ]
+
+    def rows(origins: list[str]) -> list[dict[str, Any]]:
+        return [
+            vouchers.new_voucher(
+                tenant_id=tenant_id,
+                member_id=ids[i],
+                name="lunch 75%",
+                discount_percent=75,
+                valid_for=timedelta(days=3),
+                origin=origin,
+                now=now,
+            )
+            for i, origin in enumerate(origins)
+        ]
+
+    with engine.begin() as conn:
+        (first,) = vouchers.issue_many(conn, rows(["team:1:b"]))
+    with engine.begin() as conn:
+        issued = vouchers.issue_many(conn, rows(["team:1:a", "team:1:b", "team:1:c"]))
+    assert [v.origin for v in issued] == ["team:1:a", "team:1:b", "team:1:c"]
+    assert issued[1].code == first.code and issued[1].id == first.id
+    assert issued[1].member_id == ids[0]  # as issued the first time, not as asked again
+    assert len({v.code for v in issued}) == 3
+    assert issued[0].expires_at == now + timedelta(days=3)
+    assert count(engine, Voucher) == 3
+
+
 def test_members_see_only_their_own_teams_and_vouchers(shop):
     ann, _, _ = _succeed(shop)
     dan = shop.login("dan")
