@@ -220,9 +220,9 @@ class _Recording:
         pass
 
 
-def test_commands_on_one_team_or_list_go_to_one_writer_and_members_spread():
+def test_commands_on_one_team_or_list_go_to_one_writer_whoever_sends_them():
     """Every join of a team (and every line of a list) queues on that row: one writer takes
-    them all, whichever members send them; other events still go by member."""
+    them all, whichever members send them."""
     lanes = [_Recording() for _ in range(4)]
     dispatcher = Dispatcher(None, FrozenClock(T0), Metrics(), lanes=lanes)  # type: ignore[arg-type]
 
@@ -243,7 +243,37 @@ def test_commands_on_one_team_or_list_go_to_one_writer_and_members_spread():
     assert len(where) == len(items)
     assert len({where[id(i)] for i in items if i.type == "groupbuy.join"}) == 1
     assert len({where[id(i)] for i in items if i.type == "solitaire.append"}) == 1
-    assert len({where[id(i)] for i in items if i.type == "groupbuy.open"}) > 1
+    assert len({where[id(i)] for i in items if i.type == "groupbuy.open"}) == 1  # below
+
+
+def test_member_events_fill_the_first_writer_and_a_member_keeps_to_its_writer():
+    """Events not routed by a contended row fill the first lane (up to a batch in flight)
+    before the next: bigger batches, each paying its round trips once. A member with events
+    in flight sends the next to the same lane, so their events are applied in the order
+    they came, however full that lane is."""
+    lanes = [_Recording() for _ in range(4)]
+    dispatcher = Dispatcher(None, FrozenClock(T0), Metrics(), lanes=lanes, max_batch=8)  # type: ignore[arg-type]
+
+    def message(member: str, n: int = 0) -> Inbound:
+        return Inbound(1, "bot", "message.posted", data={"n": n}, member={"id": member})
+
+    first = [message(f"m-{i}") for i in range(20)]
+    again = [message("m-0", n) for n in (1, 2, 3)]  # m-0's, while its first is in flight
+
+    async def send(items: list[Inbound]) -> None:
+        await asyncio.gather(*(dispatcher.submit(item) for item in items))
+
+    asyncio.run(send(first + again))
+    members = [[(i.member or {})["id"] for i in lane.items] for lane in lanes]
+    assert members[0] == [f"m-{i}" for i in range(8)] + ["m-0"] * 3
+    assert members[1] == [f"m-{i}" for i in range(8, 16)]
+    assert members[2] == [f"m-{i}" for i in range(16, 20)]
+    assert members[3] == []
+    assert [i.data["n"] for i in lanes[0].items if (i.member or {})["id"] == "m-0"] == [0, 1, 2, 3]
+
+    asyncio.run(send([message("m-19", 4)]))  # nothing in flight: the first lane again
+    assert lanes[0].items[-1].data["n"] == 4
+    assert dispatcher._in_flight == [0, 0, 0, 0] and not dispatcher._members
 
 
 class _Pipelined(_Recording):

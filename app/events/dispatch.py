@@ -14,12 +14,19 @@ its own SAVEPOINT (an event that fails is rolled
 back alone and its caller gets the error), commits once, and only then answers every caller
 of the batch. When idle a lone event is written at once; under load what queues while one
 batch commits becomes the next batch, so one fsync (SQLite) or one round of WAL flush
-(PostgreSQL) serves many events. With several writers (PostgreSQL), a member's events always
-go to the same writer, so batches seldom wait on each other's member locks, and the commands
-on one contended row (a team's joins, a solitaire list's lines) all go to that row's writer,
-which applies them one after another without waiting, and a batch's solitaire appends to
-one list are applied together (a run: `app.mechanics.commands.Run`); a batch that still hits
-a deadlock is retried whole, since nothing of it committed.
+(PostgreSQL) serves many events. With several writers (PostgreSQL), the commands on one
+contended row (a team's joins, a solitaire list's lines) all go to that row's writer, by
+the row, which applies them one after another without waiting, and a batch's solitaire
+appends to one list are applied together (a run: `app.mechanics.commands.Run`). Other
+events fill the first writer before the next: the first lane with fewer than a batch
+(`max_batch`) of events in flight takes them, and a member with events in flight sends the
+next to the same lane, so a member's events are applied in the order they came and batches
+seldom wait on each other's member locks. Spread over two lanes by member, as they were,
+messages made batches half as big, each paying its round trips (a batch of one message cost
+the writer and PostgreSQL ~1.3 ms of CPU each, a batch of 30 ~150 and ~100 µs a message):
+live, 2,095–2,211 webhooks a second against 2,736–3,062 filling the first lane, the joins
+the same. A batch that still hits a deadlock is retried whole, since nothing of it
+committed.
 """
 
 from __future__ import annotations
@@ -1513,6 +1520,8 @@ class Dispatcher:
         )
         self._queues: list[deque[_Queued]] = [deque() for _ in self.lanes]
         self._busy = [False] * len(self.lanes)
+        self._in_flight = [0] * len(self.lanes)  # events handed to each lane, not answered
+        self._members: dict[str, list[int]] = {}  # member key -> [its lane, events in flight]
         self._tasks: set[asyncio.Task[None]] = set()
 
     def open(self) -> None:
@@ -1526,7 +1535,22 @@ class Dispatcher:
     async def submit(self, item: Inbound) -> Reply:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
-        lane = self._lane(item)
+        lane, member = self._lane(item)
+        self._in_flight[lane] += 1
+        if member is not None:
+            self._members.setdefault(member, [lane, 0])[1] += 1
+        try:
+            return await self._submit(item, lane, future)
+        finally:
+            self._in_flight[lane] -= 1
+            if member is not None:
+                held = self._members[member]
+                held[1] -= 1
+                if not held[1]:
+                    del self._members[member]
+
+    async def _submit(self, item: Inbound, lane: int, future: asyncio.Future[Reply]) -> Reply:
+        loop = asyncio.get_running_loop()
         if self.lanes[lane].pipelined:
             # Sent to the writer process now, from this request's own task. Queued for a
             # drain task instead, it waited behind every request the event loop had ready:
@@ -1545,14 +1569,22 @@ class Dispatcher:
             task.add_done_callback(self._tasks.discard)
         return await future
 
-    def _lane(self, item: Inbound) -> int:
+    def _lane(self, item: Inbound) -> tuple[int, str | None]:
+        """The item's lane, and the member key it holds there while in flight (None: a
+        command routed by its row, or one lane)."""
         if len(self._queues) == 1:
-            return 0
-        # By the row the command queues on (a team, a solitaire list), else by member.
-        who = contended(item.type, item.data)
-        if who is None:
-            who = item.member["id"] if item.member else str(item.member_id)
-        return zlib.crc32(f"{item.tenant_id}:{who}".encode()) % len(self._queues)
+            return 0, None
+        row = contended(item.type, item.data)  # a team, a solitaire list
+        if row is not None:
+            return zlib.crc32(f"{item.tenant_id}:{row}".encode()) % len(self._queues), None
+        who = item.member["id"] if item.member else item.member_id
+        member = f"{item.tenant_id}:{who}"
+        held = self._members.get(member)
+        if held is not None:
+            return held[0], member
+        flights = self._in_flight
+        lane = next((i for i, n in enumerate(flights) if n < self.max_batch), None)
+        return (lane if lane is not None else flights.index(min(flights))), member
 
     async def _drain(self, lane: int) -> None:
         """Hand the lane's queue over, a batch at a time: the queue that builds while one
