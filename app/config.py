@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=2000, ge=1)
 
     # The write path: how many events may share one commit (and a lane may hold in flight
-    # before member events go to the next), and how many writer threads
+    # before member events go to the next), and how many writers (processes or threads)
     # (None: 1 on SQLite, which has one writer anyway; 2 on PostgreSQL).
     dispatch_max_batch: int = Field(default=256, ge=1)
     dispatch_writers: int | None = Field(default=None, ge=1, le=32)
