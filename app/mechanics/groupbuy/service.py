@@ -113,11 +113,6 @@ _SUCCEED = Prepared(
     )
     .returning(*team_t.c)
 )
-_NOT_LIVE = Prepared(
-    update(seat_t)
-    .where(seat_t.c.team_id == bindparam("b_team"), seat_t.c.live_key.is_not(None))
-    .values(live_key=None)
-)
 
 
 def _seats_query(statuses: tuple[str, ...]) -> Prepared:
@@ -496,7 +491,8 @@ _MEMBERS_SEATS = Prepared(
 )
 
 
-_TEAMS_NOT_LIVE = Prepared(  # `_NOT_LIVE` for several teams
+# The seats of teams that closed no longer live (those already not live left as they are).
+_NOT_LIVE = Prepared(
     {
         dialect: update(seat_t).where(teams, seat_t.c.live_key.is_not(None)).values(live_key=None)
         for dialect, teams in one_of(seat_t.c.team_id, "b_teams").items()
@@ -585,7 +581,7 @@ class _Joins:
             ],
         )
         if closed:
-            _TEAMS_NOT_LIVE.run(conn, {"b_teams": closed})
+            _NOT_LIVE.run(conn, {"b_teams": closed})
         self.new = []
         self.teams = {k: replace(t, stored=t.row) for k, t in self.teams.items()}
 
@@ -1061,7 +1057,7 @@ def _succeed(
         },
     )
     assert team is not None
-    _NOT_LIVE.run(ctx.conn, {"b_team": team.id})
+    _NOT_LIVE.run(ctx.conn, {"b_teams": [team.id]})
     _closing_counters(ctx, team, cfg, succeeded=True)
     _succeeded(ctx, team, cfg, settlement, _seats(ctx.conn, team.id, (ACTIVE,)), effects)
     return team
@@ -1141,7 +1137,7 @@ def _close(
         .where(team_t.c.id == team.id)
         .values(status=status, closed_at=ctx.now, close_reason=reason)
     )
-    ctx.conn.execute(update(seat_t).where(seat_t.c.team_id == team.id).values(live_key=None))
+    _NOT_LIVE.run(ctx.conn, {"b_teams": [team.id]})
     _closing_counters(ctx, team, cfg, succeeded=False)
     event = "groupbuy.failed" if status == FAILED else "groupbuy.cancelled"
     for seat in _seats(ctx.conn, team.id, (HELD, ACTIVE)):
