@@ -84,6 +84,7 @@ def _drive(*args: Any) -> dict[str, Any]:
 def setup_phase(name: str, what: str, result: dict[str, Any]) -> None:
     if result["errors"]:
         raise SystemExit(f"{name}: {result['errors']} errors while {what}: {result}")
+    print(f"{name}: {what} ({result['rps']:,.0f}/s)", file=sys.stderr, flush=True)
 
 
 def bench_flywheel(
