@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -21,7 +22,7 @@ from sqlalchemy import Engine, delete, func, insert, select
 from app.analytics.funnel import Period, Scope, breakdown, daily, nth_of_two, report
 from app.clock import FrozenClock
 from app.engine.state import StageChange
-from app.funnels.entries import pair_t, roll_up, roll_up_all, rollup_t
+from app.funnels.entries import BOUNDS, HOUR_US, pair_t, roll_up, roll_up_all, rollup_t, tally
 from app.funnels.store import funnel_t, history_t, instance_t, record_stage_changes
 from app.members.models import Member
 from tests.conftest import T0, Client, Source, app_for, event, new_tenant, tenant_with_funnel
@@ -318,6 +319,68 @@ def test_report_is_exact_where_hours_buckets_and_windows_cut(engine: Engine) -> 
         want = naive_report(history, period, None)
         assert [{k: g[k] for k in w} for g, w in zip(got, want, strict=True)] == want
         assert [(r["acquire"], r["activate"]) for r in series] == [(6, 7), (1, 1)]
+
+
+# Delays at and either side of the buckets' bounds (and negative ones, never counted); first
+# entries either side of hour and day boundaries, before 1970 too (slots floor, not truncate).
+_DELAYS = st.one_of(
+    st.sampled_from(BOUNDS).flatmap(lambda b: st.sampled_from([b - 1, b, b + 1])),
+    st.integers(-(10**12), 10**14),
+)
+_ATS = st.one_of(
+    st.integers(-3, 3)
+    .map(lambda d: d * 24 * HOUR_US + 1_800_000_000_000_000)
+    .flatmap(lambda t: st.sampled_from([t - 1, t, t + 1])),
+    st.integers(-(2 * 24 * HOUR_US), 2_000_000_000_000_000),
+)
+
+
+def test_the_roll_up_counts_as_tally_does(engine: Engine) -> None:
+    """`roll_up` counts in SQL (a CASE for the bucket, floored slots); `tally`, in Python, is
+    its reference: after any number of chunks, the roll-up holds what tally makes of the
+    pairs rolled up, and every pair is marked once."""
+    tenant_id, funnel_id, members, _ = _setup(engine)
+
+    @settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+    @given(
+        pairs=st.lists(
+            st.tuples(
+                st.sampled_from(members), st.integers(1, 2), st.integers(0, 3), _ATS, _DELAYS
+            ),
+            unique_by=lambda p: p[:3],
+            max_size=40,
+        ),
+        chunk=st.integers(1, 50),
+    )
+    def check(pairs: list[tuple[int, int, int, int, int]], chunk: int) -> None:
+        rows = [
+            {
+                "tenant_id": tenant_id,
+                "funnel_id": funnel_id,
+                "member_id": m,
+                "version": v,
+                "a": a,
+                "b": 3,
+                "at_us": at,
+                "delay_us": delay,
+                "rolled": False,
+            }
+            for m, v, a, at, delay in pairs
+        ]
+        with engine.begin() as conn:
+            conn.execute(delete(pair_t))
+            conn.execute(delete(rollup_t))
+            if rows:
+                conn.execute(insert(pair_t), rows)
+        assert roll_up_all(engine, chunk) == len(rows)
+        want = tally(SimpleNamespace(**r) for r in rows)
+        with engine.connect() as conn:
+            got = conn.execute(select(rollup_t)).all()
+            assert not conn.execute(select(func.count()).where(~pair_t.c.rolled)).scalar_one()
+        keys = ("funnel_id", "version", "a", "b", "span", "slot", "bucket", "tenant_id")
+        assert {tuple(getattr(r, k) for k in keys): r.n for r in got} == dict(want)
+
+    check()
 
 
 def test_concurrent_roll_ups_count_every_pair_once(engine: Engine) -> None:
