@@ -8,10 +8,16 @@ its own audience: a member token never opens the console, nor a link the API.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
 
 import jwt
+import orjson
 
 AUDIENCE = "flywheel-member"
 CONSOLE_LINK = "flywheel-console-link"  # in a sign-in URL: minutes
@@ -44,10 +50,58 @@ def _issue(
     return token, expires
 
 
+# Reading a token: PyJWT's decode cost ~98 µs of the service's CPU per request (it checks
+# each character of every segment in Python), where all else the service does for an append
+# costs it ~200 µs. A token exactly as `_issue` makes it is read here instead (the whole
+# read ~9 µs): our own header, byte for byte; the signature compared as text with the one
+# `secret` makes for the exact bytes signed (so only a holder of the secret can make a token
+# this accepts); the payload in canonical base64 and exactly our claims. Anything else
+# (another header, other claims, a list of audiences, a bad signature) goes to PyJWT, which
+# decides; what is read here PyJWT would read the same (tests/test_tokens.py holds the two
+# to it).
+_HEADER = jwt.encode({}, "h" * 64, algorithm=ALGORITHM).split(".")[0]
+_CLAIMS = frozenset({"sub", "tid", "aud", "iat", "exp"})
+
+
+@lru_cache(maxsize=8)
+def _signer(secret: str) -> Any:
+    return hmac.new(secret.encode(), digestmod=hashlib.sha256)
+
+
+def _b64(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def _issued_claims(secret: str, audience: str, token: str) -> dict[str, Any] | None:
+    """The claims of a token made by `_issue` with `secret` for `audience`, or None for any
+    other token (valid or not: PyJWT reads those)."""
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != _HEADER or not token.isascii():
+        return None
+    signer = _signer(secret).copy()
+    signer.update(f"{parts[0]}.{parts[1]}".encode())
+    if not hmac.compare_digest(_b64(signer.digest()), parts[2].encode()):
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = orjson.loads(payload)
+    except ValueError:
+        return None
+    if (
+        _b64(payload) != parts[1].encode()
+        or not isinstance(claims, dict)
+        or claims.keys() != _CLAIMS
+        or claims["aud"] != audience
+        or not isinstance(claims["sub"], str)
+    ):
+        return None
+    return claims
+
+
 def _read(secret: str, audience: str, token: str, now: datetime) -> MemberClaims | None:
     """The claims of a valid, unexpired token for `audience`, or None."""
     try:
-        claims = jwt.decode(
+        claims = _issued_claims(secret, audience, token) or jwt.decode(
             token,
             secret,
             algorithms=[ALGORITHM],
