@@ -597,7 +597,7 @@ _MEMBERS_BY_ID = Prepared(
         "sqlite": _locked_members(_BY_IDS["sqlite"], member_t.c.tenant_id + literal_column("0")),
     }
 )
-_NEW_MEMBER = insert_or_skip(member_t, ["tenant_id", "external_id"])
+_NEW_MEMBER = Prepared(insert_or_skip(member_t, ["tenant_id", "external_id"]))
 _DROP_TIMER = delete(timer_t).where(timer_t.c.id == bindparam("b_id"))
 
 
@@ -681,8 +681,8 @@ def _member(
     key = {"b_tenant": tenant_id, "b_ext": ref["id"]}
     m = cache.member_by_ref(tenant_id, ref["id"]) or _MEMBER_BY_EXTERNAL.record(conn, key)
     if m is None:
-        conn.execute(
-            _NEW_MEMBER[conn.dialect.name],
+        _NEW_MEMBER.run(
+            conn,
             {
                 "tenant_id": tenant_id,
                 "external_id": ref["id"],
@@ -836,11 +836,24 @@ def _attribute(conn: Connection, m: Any, event_type: str, data: dict[str, Any]) 
         if data.get(key) and getattr(m, column) is None
     }
     if changes:
-        conn.execute(
+        params = {"b_id": m.id, **{f"b_{c}": v for c, v in changes.items()}}
+        _first_touch(frozenset(changes)).run(conn, params)
+
+
+_FIRST_TOUCH: dict[frozenset[str], Prepared] = {}
+
+
+def _first_touch(columns: frozenset[str]) -> Prepared:
+    """The member row's first-touch columns set where still empty, one statement per set of
+    columns (a Core UPDATE built for each member.joined cost ~230 µs; Prepared, ~20)."""
+    found = _FIRST_TOUCH.get(columns)
+    if found is None:
+        found = _FIRST_TOUCH[columns] = Prepared(
             update(member_t)
-            .where(member_t.c.id == m.id, *(member_t.c[c].is_(None) for c in changes))
-            .values(**changes)
+            .where(member_t.c.id == bindparam("b_id"), *(member_t.c[c].is_(None) for c in columns))
+            .values({c: bindparam(f"b_{c}") for c in columns})
         )
+    return found
 
 
 _LOG_EMITTED = Prepared(insert(event_t).returning(event_t.c.id))

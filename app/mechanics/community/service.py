@@ -58,8 +58,10 @@ once_t: Table = Once.__table__  # type: ignore[attr-defined]
 member_t: Table = Member.__table__  # type: ignore[attr-defined]
 event_t: Table = EventLog.__table__  # type: ignore[attr-defined]
 
-_JOIN = insert_or_skip(
-    group_member_t, ["tenant_id", "group_id", "member_id"], group_member_t.c.member_id
+_JOIN = Prepared(
+    insert_or_skip(
+        group_member_t, ["tenant_id", "group_id", "member_id"], group_member_t.c.member_id
+    )
 )
 _ONCE = insert_or_skip(once_t, ["tenant_id", "key"], once_t.c.key)
 _QUESTION = re.compile(r"[?？]|请问|怎么|如何|为什么|吗[\s。!！~]*$")
@@ -107,10 +109,10 @@ def once(conn: Connection, tenant_id: int, key: str, now: datetime) -> bool:
 def joined(conn: Connection, tenant_id: int, group_id: str, member_id: int, now: datetime) -> bool:
     """Record membership; True if the member was not in the group before."""
     _settled(conn)
-    made = conn.execute(
-        _JOIN[conn.dialect.name],
+    made = _JOIN.scalar(
+        conn,
         {"tenant_id": tenant_id, "group_id": group_id, "member_id": member_id, "joined_at": now},
-    ).scalar()
+    )
     return made is not None
 
 

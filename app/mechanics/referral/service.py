@@ -21,7 +21,7 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Table, func, select, update
+from sqlalchemy import Connection, Table, bindparam, func, select, update
 
 from app.db import insert_or_skip
 from app.engine.definition import Referral
@@ -36,6 +36,7 @@ from app.mechanics.rewards import points as ledger
 from app.mechanics.rewards.grant import grant_reward
 from app.mechanics.vouchers import service as vouchers
 from app.members.models import Member
+from app.prepared import Prepared
 
 code_t: Table = ReferralCode.__table__  # type: ignore[attr-defined]
 link_t: Table = ReferralLink.__table__  # type: ignore[attr-defined]
@@ -315,6 +316,20 @@ def observe(
     return effects if effects.emits or effects.actions else None
 
 
+# Every event of a campaign's qualifying kind (member.joined, for a colleague brought into
+# the group) looks for the member's link: Prepared, as the write path's statements are (the
+# Core select built for each event cost ~300 µs of a member.joined's ~1.4 ms).
+_UNQUALIFIED_LINK = Prepared(
+    select(link_t).where(
+        link_t.c.tenant_id == bindparam("b_tenant"),
+        link_t.c.funnel_id == bindparam("b_funnel"),
+        link_t.c.campaign == bindparam("b_campaign"),
+        link_t.c.invitee_member_id == bindparam("b_member"),
+        link_t.c.qualified_at.is_(None),
+    )
+)
+
+
 def _qualify(
     conn: Connection,
     tenant_id: int,
@@ -327,15 +342,13 @@ def _qualify(
     now: datetime,
     effects: Effects,
 ) -> None:
-    link = conn.execute(
-        select(link_t).where(
-            link_t.c.tenant_id == tenant_id,
-            link_t.c.funnel_id == ref.funnel_id,
-            link_t.c.campaign == name,
-            link_t.c.invitee_member_id == m.id,
-            link_t.c.qualified_at.is_(None),
-        )
-    ).first()
+    params = {
+        "b_tenant": tenant_id,
+        "b_funnel": ref.funnel_id,
+        "b_campaign": name,
+        "b_member": m.id,
+    }
+    link = _UNQUALIFIED_LINK.record(conn, params)
     if link is None or now > link.accepted_at + parse_duration(cfg.qualify_within):
         return
     if cfg.min_order_fen is not None and int(data.get("amount_fen") or 0) < cfg.min_order_fen:
