@@ -349,6 +349,12 @@ class BatchCache:
             found.update((r.id, r) for r in rows)
         return found
 
+    def new_member(self, member_id: int) -> None:
+        """A member this batch made: no funnel instances, no report pairs to read."""
+        self._instances[member_id] = {}
+        if self.pending is not None:
+            self.pending.new_member(member_id)
+
     def instances(self, conn: Connection, member_id: int) -> dict[int, store.InstanceRow]:
         hit = self._written.pop(member_id, None) or self._instances.pop(member_id, None)
         if hit is not None:
@@ -597,7 +603,7 @@ _MEMBERS_BY_ID = Prepared(
         "sqlite": _locked_members(_BY_IDS["sqlite"], member_t.c.tenant_id + literal_column("0")),
     }
 )
-_NEW_MEMBER = Prepared(insert_or_skip(member_t, ["tenant_id", "external_id"]))
+_NEW_MEMBER = Prepared(insert_or_skip(member_t, ["tenant_id", "external_id"], member_t))
 _DROP_TIMER = delete(timer_t).where(timer_t.c.id == bindparam("b_id"))
 
 
@@ -681,7 +687,7 @@ def _member(
     key = {"b_tenant": tenant_id, "b_ext": ref["id"]}
     m = cache.member_by_ref(tenant_id, ref["id"]) or _MEMBER_BY_EXTERNAL.record(conn, key)
     if m is None:
-        _NEW_MEMBER.run(
+        made = _NEW_MEMBER.record(
             conn,
             {
                 "tenant_id": tenant_id,
@@ -692,6 +698,10 @@ def _member(
                 "created_at": now,
             },
         )
+        if made is not None:
+            cache.new_member(made.id)
+            return made
+        # Made by another writer since the read (PostgreSQL): theirs, locked.
         created = _MEMBER_BY_EXTERNAL.record(conn, key)
         assert created is not None
         return created

@@ -241,6 +241,7 @@ class Pending:
         # member): the member's lock keeps them as read until the batch writes its own.
         self._stored: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
         self._undo: list[Callable[[], None]] = []  # what an event failing gives back
+        self._new: set[int] = set()  # members the batch made: no first entries stored
 
     def __bool__(self) -> bool:
         return bool(
@@ -310,6 +311,8 @@ class Pending:
         campaign) of `version` and of all versions (0): the table's, read once a batch
         (for all of the batch's members at once), and those pending."""
         key = (funnel_id, member_id)
+        if key not in self._stored and member_id in self._new:
+            self._stored[key] = []
         if key not in self._stored:
             batch = member_id in self.members
             wanted = sorted(self.members) if batch else [member_id]
@@ -326,6 +329,10 @@ class Pending:
             and p["a"] == p["b"]
             and p["version"] in (version, 0)
         ]
+
+    def new_member(self, member_id: int) -> None:
+        """A member the batch made (their row is new: the table holds no pairs of theirs)."""
+        self._new.add(member_id)
 
     def drop_timer(self, instance_id: int, key: str) -> None:
         self._set(self.timers, (instance_id, key), None)
@@ -362,6 +369,7 @@ class Pending:
         _ENQUEUE.run(conn, self.actions)
         self.events, self.instances, self.stages, self.pairs = [], {}, [], []
         self.timers, self.actions, self._undo, self._stored = {}, [], [], {}
+        self._new = set()  # their pairs are in the table now
 
 
 def _stage_rows(
