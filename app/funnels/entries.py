@@ -189,7 +189,7 @@ def tally(pairs: Iterable[Any]) -> Counter[tuple[int, ...]]:
     """Roll-up counts of `pairs` (rows with funnel_id, version, a, b, tenant_id, at_us and
     delay_us), keyed as the roll-up's primary key and tenant_id: each pair in its hour and
     its day. A pair whose later stage came first (negative delay) is never a conversion,
-    and is not counted. (`roll_up` counts in SQL, `_COUNT`; this is its reference, and the
+    and is not counted. (`roll_up` counts in SQL, `_count_sql`; this is its reference, and the
     benchmark's loader builds its roll-up with it.)"""
     out: Counter[tuple[int, ...]] = Counter()
     for r in pairs:
